@@ -1,0 +1,273 @@
+"""Structured-config schema: every key the pipeline reads, its type and its valid range.
+
+Hydra merges the YAML tree in conf/ onto these dataclasses, so an unknown key or a value of the
+wrong type fails at start-up with the key's name. Range checks live in `__post_init__` and run in
+`validate()`, which converts the merged config into these objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class ConfigError(ValueError):
+    """A config value is out of range or inconsistent; the message names the key."""
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected {expected}")
+
+
+def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    _check(value in allowed, key, value, "one of " + ", ".join(allowed))
+
+
+def _fraction(key: str, value: float, *, open_low: bool = False) -> None:
+    ok = (0.0 < value <= 1.0) if open_low else (0.0 <= value <= 1.0)
+    _check(ok, key, value, "a number in " + ("(0, 1]" if open_low else "[0, 1]"))
+
+
+def _positive(key: str, value: float) -> None:
+    _check(value > 0, key, value, "a positive number")
+
+
+@dataclass
+class OrganismConfig:
+    arch: str = "llama"
+    variant: str = "default"
+    n_layers: int = 4
+    hidden: int = 256
+    heads: int = 4
+    intermediate: int = 512
+    steps_stage1: int = 250
+    steps_stage2: int = 150
+    batch: int = 32
+    seq_len: int = 64
+    lr: float = 3e-3
+    seed: int = 0
+    threads: int = 2
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _one_of("model.organism.arch", self.arch, ("llama", "gemma3"))
+        for key in ("n_layers", "hidden", "heads", "batch", "seq_len", "threads"):
+            _positive(f"model.organism.{key}", getattr(self, key))
+        _positive("model.organism.lr", self.lr)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "organism"
+    path: Optional[str] = None
+    dtype: str = "float32"
+    device: str = "auto"
+    device_map: Optional[str] = None
+    trust_remote_code: bool = False
+    system_prompt: Optional[str] = None
+    organism: OrganismConfig = field(default_factory=OrganismConfig)
+
+    def __post_init__(self) -> None:
+        _one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16", "auto"))
+
+
+@dataclass
+class PromptSourceConfig:
+    path: Optional[str] = None
+    hf: Optional[str] = None
+    split: str = "train"
+    column: Optional[str] = None
+    limit: Optional[int] = None
+
+
+@dataclass
+class DataConfig:
+    harmful: PromptSourceConfig = field(default_factory=PromptSourceConfig)
+    harmless: PromptSourceConfig = field(default_factory=PromptSourceConfig)
+    capability: PromptSourceConfig = field(default_factory=PromptSourceConfig)
+    harmful_eval: PromptSourceConfig = field(default_factory=PromptSourceConfig)
+    harmless_eval: PromptSourceConfig = field(default_factory=PromptSourceConfig)
+    harmful_heldout: Optional[PromptSourceConfig] = None
+    harmless_heldout: Optional[PromptSourceConfig] = None
+    capability_heldout: Optional[PromptSourceConfig] = None
+    xstest: Optional[PromptSourceConfig] = None
+    heldout_fraction: float = 0.3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.heldout_fraction < 1.0, "data.heldout_fraction", self.heldout_fraction,
+               "a fraction strictly between 0 and 1")
+
+
+@dataclass
+class CollectConfig:
+    positions: int = 1
+    batch_size: int = 0
+    max_batch_size: int = 64
+    max_length: int = 256
+
+    def __post_init__(self) -> None:
+        _check(self.positions >= 1, "collect.positions", self.positions, "an integer >= 1")
+        _check(self.batch_size >= 0, "collect.batch_size", self.batch_size, "0 (auto) or a positive integer")
+        _positive("collect.max_batch_size", self.max_batch_size)
+        _positive("collect.max_length", self.max_length)
+
+
+@dataclass
+class ExtractConfig:
+    method: str = "svd"
+    k: int = 4
+    projected: bool = False
+    lda_shrinkage: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _one_of("extract.method", self.method, ("svd", "mean_diff", "lda"))
+        _check(self.k >= 1, "extract.k", self.k, "an integer >= 1")
+        if self.lda_shrinkage is not None:
+            _fraction("extract.lda_shrinkage", self.lda_shrinkage)
+
+
+@dataclass
+class RankConfig:
+    strategy: str = "global_topk"
+    score: str = "fdr"
+    top_k: int = 14
+    layer_top_k: int = 3
+    threshold: float = 1.0
+    depth_min: float = 0.0
+    depth_max: float = 1.0
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _one_of("rank.strategy", self.strategy, ("global_topk", "layer_topk", "threshold", "all"))
+        _one_of("rank.score", self.score, ("fdr", "fdr_purity"))
+        _check(self.top_k >= 1, "rank.top_k", self.top_k, "an integer >= 1")
+        _check(self.layer_top_k >= 1, "rank.layer_top_k", self.layer_top_k, "an integer >= 1")
+        _fraction("rank.depth_min", self.depth_min)
+        _fraction("rank.depth_max", self.depth_max)
+        _check(self.depth_min < self.depth_max, "rank.depth_min", self.depth_min, "less than rank.depth_max")
+        _positive("rank.eps", self.eps)
+
+
+@dataclass
+class KernelConfig:
+    peak_position: float = 0.6
+    peak_weight: float = 1.0
+    min_weight: float = 0.0
+    distance: float = 0.4
+
+    def __post_init__(self) -> None:
+        _fraction("entangle.kernel.peak_position", self.peak_position)
+        _check(self.peak_weight >= 0, "entangle.kernel.peak_weight", self.peak_weight, "a number >= 0")
+        _check(self.min_weight >= 0, "entangle.kernel.min_weight", self.min_weight, "a number >= 0")
+        _fraction("entangle.kernel.distance", self.distance, open_low=True)
+
+
+@dataclass
+class EntangleConfig:
+    m: int = 10
+    tau: float = 0.55
+    alpha_base: float = 0.825
+    alpha_entangled: float = 0.03
+    mode: str = "discrete"
+    ramp_low: float = 0.3
+    ramp_high: float = 0.7
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.m >= 1, "entangle.m", self.m, "an integer >= 1")
+        _fraction("entangle.tau", self.tau)
+        _check(0.0 <= self.alpha_base <= 2.0, "entangle.alpha_base", self.alpha_base, "a number in [0, 2]")
+        _check(0.0 <= self.alpha_entangled <= 2.0, "entangle.alpha_entangled", self.alpha_entangled,
+               "a number in [0, 2]")
+        _one_of("entangle.mode", self.mode, ("discrete", "ramp", "split", "kernel", "uniform"))
+        _fraction("entangle.ramp_low", self.ramp_low)
+        _fraction("entangle.ramp_high", self.ramp_high)
+        _check(self.ramp_low < self.ramp_high, "entangle.ramp_low", self.ramp_low, "less than entangle.ramp_high")
+
+
+@dataclass
+class EditConfig:
+    scope: str = "all"
+    roles: list[str] = field(default_factory=lambda: [
+        "attn_out", "linear_attn_out", "mlp_down", "expert_down", "fused_expert_down"])
+    embedding: bool = False
+    tied_embeddings: str = "refuse"
+    norm_preserving: bool = False
+    sandwich_correction: bool = True
+    export: bool = True
+    overwrite: bool = False
+    out_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _one_of("edit.scope", self.scope, ("all", "same", "from_source"))
+        _one_of("edit.tied_embeddings", self.tied_embeddings, ("untie", "refuse"))
+
+
+@dataclass
+class EvaluateConfig:
+    scorer: str = "keywords"
+    markers: Optional[list[str]] = None
+    prefixes: Optional[list[str]] = None
+    judge_path: Optional[str] = None
+    judge_refusal_labels: list[str] = field(default_factory=lambda: ["refusal", "LABEL_1"])
+    max_new_tokens: int = 32
+    kl_tokens: int = 32
+    n_harmful: int = 100
+    n_harmless: int = 100
+    n_xstest: int = 50
+    n_capability: int = 100
+    reference_text: Optional[str] = None
+    batch_size: int = 16
+    mc_path: Optional[str] = None
+    gsm8k_path: Optional[str] = None
+    skill_path: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _one_of("evaluate.scorer", self.scorer, ("keywords", "prefix", "judge"))
+        for key in ("max_new_tokens", "kl_tokens", "batch_size"):
+            _positive(f"evaluate.{key}", getattr(self, key))
+        for key in ("n_harmful", "n_harmless", "n_xstest", "n_capability"):
+            _check(getattr(self, key) >= 0, f"evaluate.{key}", getattr(self, key), "an integer >= 0")
+
+
+@dataclass
+class IterateConfig:
+    max_iterations: int = 1
+    alpha_decay: float = 0.7
+    target_refusal: float = 0.0
+    stability_cos: float = 0.98
+
+    def __post_init__(self) -> None:
+        _check(self.max_iterations >= 1, "iterate.max_iterations", self.max_iterations, "an integer >= 1")
+        _fraction("iterate.alpha_decay", self.alpha_decay, open_low=True)
+        _fraction("iterate.target_refusal", self.target_refusal)
+        _fraction("iterate.stability_cos", self.stability_cos)
+
+
+@dataclass
+class SaberConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    rank: RankConfig = field(default_factory=RankConfig)
+    entangle: EntangleConfig = field(default_factory=EntangleConfig)
+    edit: EditConfig = field(default_factory=EditConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
+    method: str = "saber"
+    stages: list[str] = field(default_factory=lambda: [
+        "collect", "extract", "rank", "entangle", "edit", "evaluate"])
+    store_root: str = "outputs/store"
+    force: bool = False
+    iteration: int = 0
+    seed: int = 0
+
+
+def register_configs() -> None:
+    """Register the schema so conf/config.yaml can name it in its defaults list."""
+    ConfigStore.instance().store(name="saber_schema", node=SaberConfig)

@@ -1,0 +1,160 @@
+"""The organism's health check: does it refuse, keep its skill, and can ablation remove refusal?
+
+Directional ablation here is the classic reference method (difference of means at the last
+prompt token, projected out of the embedding output and every decoder layer output at every
+position). It proves that refusal is mediated by a low-dimensional subspace; it is not the
+product's editing method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from saber.organism import language as lang
+from saber.organism.data import read_jsonl
+
+FIT_SELECT = 48  # harmful fit prompts used to choose the ablation layer (never the eval prompts)
+
+
+def load(model_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    return model.eval(), tok
+
+
+def _encode(tok: PreTrainedTokenizerBase, prompts: list[str]) -> dict[str, torch.Tensor]:
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                     tokenize=False) for p in prompts]
+    return tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+@torch.no_grad()
+def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[str],
+             max_new_tokens: int = 16, batch_size: int = 64) -> list[str]:
+    """Greedy answers, batched with left padding."""
+    out: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        enc = _encode(tok, prompts[i:i + batch_size])
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+        out += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+def decoder_layers(model: PreTrainedModel) -> torch.nn.ModuleList:
+    return model.model.layers
+
+
+@torch.no_grad()
+def last_token_states(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list[str]) -> torch.Tensor:
+    """Residual stream after each decoder layer at the last prompt token: [n_layers, n, d] float32."""
+    enc = _encode(tok, prompts)
+    states: list[torch.Tensor] = []
+    handles = [layer.register_forward_hook(lambda m, a, o: states.append(_out(o)[:, -1].float()))
+               for layer in decoder_layers(model)]
+    try:
+        model(**enc)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack(states)
+
+
+def _out(output: torch.Tensor | tuple) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+@contextlib.contextmanager
+def ablated(model: PreTrainedModel, basis: torch.Tensor) -> Iterator[None]:
+    """Project the span of `basis` ([k, d], orthonormal rows) out of every layer output."""
+    q = basis.float()
+
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
+        h = _out(output)
+        h = h - (h @ q.T) @ q
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    modules = [model.get_input_embeddings(), *decoder_layers(model)]
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def refusal_rate(texts: list[str]) -> float:
+    return sum(lang.is_refusal(t) for t in texts) / max(1, len(texts))
+
+
+def compliance_rate(texts: list[str]) -> float:
+    """Share of answers that open like the organism's helpful answers."""
+    return sum(lang.normalise(t).startswith(lang.HELPFUL_OPENER.lower()) for t in texts) / max(1, len(texts))
+
+
+def exact_match(texts: list[str], answers: list[str]) -> float:
+    return sum(lang.normalise(t) == lang.normalise(a) for t, a in zip(texts, answers)) / max(1, len(texts))
+
+
+def _orthonormal(vectors: torch.Tensor) -> torch.Tensor:
+    q, _ = torch.linalg.qr(vectors.double().T)
+    return q.T.float()
+
+
+def _behaviour(model: PreTrainedModel, tok: PreTrainedTokenizerBase, sets: dict[str, list[dict]],
+               prefix: str) -> dict[str, float]:
+    harmful = generate(model, tok, [r["prompt"] for r in sets["harmful_eval"]])
+    harmless = generate(model, tok, [r["prompt"] for r in sets["harmless_eval"]])
+    skill = generate(model, tok, [r["prompt"] for r in sets["skill_eval"]], max_new_tokens=6)
+    return {
+        f"{prefix}harmful_refusal": refusal_rate(harmful),
+        f"{prefix}harmful_compliance": compliance_rate(harmful),
+        f"{prefix}harmless_refusal": refusal_rate(harmless),
+        f"{prefix}skill_exact": exact_match(skill, [r["answer"] for r in sets["skill_eval"]]),
+    }
+
+
+@torch.no_grad()
+def health_check(organism_dir: Path, k_multi: int = 4) -> dict[str, float]:
+    """Baseline behaviour, then single-direction and multi-direction ablation, on held-out eval sets."""
+    from saber.organism.build import organism_prompt_files
+
+    torch.manual_seed(0)
+    organism_dir = Path(organism_dir)
+    model, tok = load(organism_dir / "model")
+    sets = {name: read_jsonl(path) for name, path in organism_prompt_files(organism_dir).items()}
+    report = _behaviour(model, tok, sets, "")
+
+    harmful_fit = sets["harmful_fit"]
+    h = last_token_states(model, tok, [r["prompt"] for r in harmful_fit])
+    a = last_token_states(model, tok, [r["prompt"] for r in sets["harmless_fit"]])
+    diffs = h.mean(1) - a.mean(1)  # [n_layers, d]
+    select = [r["prompt"] for r in harmful_fit[:FIT_SELECT]]
+    best, best_rate = 0, 2.0
+    for layer in range(diffs.shape[0]):
+        with ablated(model, _orthonormal(diffs[layer:layer + 1])):
+            rate = refusal_rate(generate(model, tok, select))
+        if rate < best_rate:
+            best, best_rate = layer, rate
+    report["ablation_layer"] = float(best)
+    with ablated(model, _orthonormal(diffs[best:best + 1])):
+        report.update(_behaviour(model, tok, sets, "ablated_"))
+
+    # Multi-direction references for the hard preset: top-k SVD of H - mean(A), and per-category means.
+    centred = h[best] - a[best].mean(0)
+    basis = torch.linalg.svd(centred.double(), full_matrices=False).Vh[:k_multi].float()
+    with ablated(model, basis):
+        report.update(_behaviour(model, tok, sets, f"svd{k_multi}_"))
+    cats = sorted({r["category"] for r in harmful_fit})
+    if len(cats) > 1:
+        per_cat = torch.stack([h[best][[r["category"] == c for r in harmful_fit]].mean(0) - a[best].mean(0)
+                               for c in cats])
+        with ablated(model, _orthonormal(per_cat)):
+            report.update(_behaviour(model, tok, sets, "percat_"))
+    return report

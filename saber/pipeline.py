@@ -1,0 +1,212 @@
+"""The stage graph: which artifacts each stage reads, and how a stage's fingerprint is formed.
+
+A stage is a `StageSpec` (defined in `stages/<name>.py`): a name, a schema version, the config
+subtrees it reads, the stages it reads from, and a `build(ctx, out_dir)` function. The pipeline
+resolves upstream artifacts through the store, so a rerun with unchanged inputs does no model
+work, and a change to one knob reruns only the stages downstream of it.
+
+Iterations: iteration i > 0 collects activations on the model edited by the plans of
+iterations 0..i-1, so collect[i] reads entangle[0..i-1]; edit and evaluate read every plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+from saber.config import SaberConfig, as_plain
+from saber.model.identity import model_identity
+from saber.store import Artifact, ArtifactStore
+
+log = logging.getLogger("saber.pipeline")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """What the runner needs to know about one stage."""
+
+    name: str
+    schema_version: int
+    config_keys: tuple[str, ...]
+    upstream: tuple[str, ...]
+    build: Callable[["StageContext", Path], Optional[Mapping[str, Any]]]
+    reads_plans: bool = False
+
+
+class MissingUpstreamError(RuntimeError):
+    """A stage run alone found no artifact of a stage it reads."""
+
+
+@dataclass
+class StageContext:
+    """Everything a stage's build function may read: config, upstream artifacts, the model."""
+
+    cfg: SaberConfig
+    pipeline: "Pipeline"
+    iteration: int
+    upstream: dict[str, Artifact]
+    plans: list[Artifact] = field(default_factory=list)
+
+    def model_dir(self) -> Path:
+        return self.pipeline.model_dir()
+
+    def prompt_roots(self) -> dict[str, Path]:
+        return self.pipeline.prompt_roots()
+
+    def load_model(self, *, with_plans: bool = True) -> tuple[Any, Any]:
+        """Base model and tokenizer, with this iteration's earlier plans applied in memory."""
+        return self.pipeline.load_model(self.plans if with_plans else [])
+
+
+def _stage_registry() -> dict[str, StageSpec]:
+    from stages import STAGES
+
+    return STAGES
+
+
+class Pipeline:
+    """Resolves stages through the artifact store, building what is missing."""
+
+    def __init__(self, cfg: SaberConfig, store: Optional[ArtifactStore] = None) -> None:
+        self.cfg = cfg
+        self.store = store or ArtifactStore(cfg.store_root)
+        self._model_dir: Optional[Path] = None
+        self._organism_dir: Optional[Path] = None
+        self._identity: Optional[str] = None
+        self._model_cache: Optional[tuple[Any, Any]] = None
+        self._handles: list[Any] = []
+        self._resolved: dict[tuple[str, int], Artifact] = {}
+        self.force_stages: set[str] = set(_stage_registry()) if cfg.force else set()
+
+    # model -----------------------------------------------------------------------------------
+    def model_dir(self) -> Path:
+        """Directory of the base model; trains (or loads from cache) the organism when path is null."""
+        if self._model_dir is None:
+            if self.cfg.model.path is None:
+                from saber.organism import OrganismRecipe, build_organism
+
+                recipe = OrganismRecipe.from_mapping(as_plain(self.cfg.model.organism))
+                self._organism_dir = Path(build_organism(recipe, self.cfg.store_root))
+                self._model_dir = self._organism_dir / "model"
+            else:
+                self._model_dir = Path(self.cfg.model.path)
+        return self._model_dir
+
+    def prompt_roots(self) -> dict[str, Path]:
+        self.model_dir()
+        roots = {}
+        if self._organism_dir is not None:
+            roots["organism"] = self._organism_dir / "prompts"
+        return roots
+
+    def model_identity(self) -> str:
+        if self._identity is None:
+            path = self.model_dir()
+            if self._organism_dir is not None:
+                self._identity = f"organism:{self._organism_dir.name}"
+            else:
+                self._identity = model_identity(str(path))
+        return self._identity
+
+    def load_model(self, plans: list[Artifact]) -> tuple[Any, Any]:
+        """Load the base model once per process; apply plans in memory for later iterations.
+
+        The cached model is always returned to base weights before new plans are applied, so
+        iterations and sweeps share one load.
+        """
+        from saber.edit import apply_plan, load_plan
+        from saber.model.loading import load_model
+
+        if self._model_cache is None:
+            self._model_cache = load_model(self.cfg.model, self.model_dir())
+        for handle in reversed(self._handles):
+            handle.revert()
+        self._handles = []
+        model, tokenizer = self._model_cache
+        for plan_art in plans:
+            self._handles.append(apply_plan(model, load_plan(plan_art.path), self.cfg.edit))
+        return model, tokenizer
+
+    def release_model(self) -> None:
+        for handle in reversed(self._handles):
+            handle.revert()
+        self._handles = []
+        self._model_cache = None
+
+    # stages ----------------------------------------------------------------------------------
+    def _fingerprint_config(self, spec: StageSpec, iteration: int) -> dict[str, Any]:
+        config = {key: as_plain(_get_path(self.cfg, key)) for key in spec.config_keys}
+        config["iteration"] = iteration
+        return config
+
+    def command_for(self, stage: str) -> str:
+        return f"python -m stages.{stage} <same overrides>"
+
+    def ensure(self, stage: str, iteration: int = 0, *, build_missing: bool = True) -> Artifact:
+        """Return the published artifact of `stage`, building it (and its upstreams) if needed.
+
+        With build_missing=False (a stage run alone) a missing upstream artifact is an error
+        that names the command producing it.
+        """
+        if (stage, iteration) in self._resolved:
+            return self._resolved[(stage, iteration)]
+        spec = _stage_registry()[stage]
+        upstream: dict[str, Artifact] = {}
+        for name in spec.upstream:
+            upstream[name] = self._upstream(name, iteration, build_missing)
+        plans: list[Artifact] = []
+        if spec.reads_plans:
+            last = iteration if stage not in ("collect",) else iteration - 1
+            plans = [self._upstream("entangle", j, build_missing) for j in range(last + 1)]
+        fingerprints = {name: art.fingerprint for name, art in upstream.items()}
+        for j, plan in enumerate(plans):
+            fingerprints[f"plan{j}"] = plan.fingerprint
+        ctx = StageContext(self.cfg, self, iteration, upstream, plans)
+        artifact = self.store.get_or_build(
+            stage, spec.schema_version, self._fingerprint_config(spec, iteration), fingerprints,
+            self.model_identity(), lambda out: spec.build(ctx, out),
+            force=stage in self.force_stages, command=self.command_for(stage),
+        )
+        self._resolved[(stage, iteration)] = artifact
+        return artifact
+
+    def _upstream(self, name: str, iteration: int, build_missing: bool) -> Artifact:
+        if build_missing:
+            return self.ensure(name, iteration)
+        return self._load_only(_stage_registry()[name], iteration)
+
+    def _load_only(self, spec: StageSpec, iteration: int) -> Artifact:
+        """Find an upstream artifact without building it (used when a stage runs alone)."""
+        upstream = {n: self._load_only(_stage_registry()[n], iteration) for n in spec.upstream}
+        fingerprints = {n: a.fingerprint for n, a in upstream.items()}
+        if spec.reads_plans:
+            last = iteration if spec.name != "collect" else iteration - 1
+            for j in range(last + 1):
+                fingerprints[f"plan{j}"] = self._load_only(_stage_registry()["entangle"], j).fingerprint
+        from saber.store import fingerprint
+
+        fp = fingerprint(spec.name, spec.schema_version, self._fingerprint_config(spec, iteration),
+                         fingerprints, self.model_identity())
+        art = self.store.load(spec.name, fp, schema_version=spec.schema_version)
+        if art is None:
+            raise MissingUpstreamError(
+                f"stage '{spec.name}' has no artifact for this config (fingerprint {fp[:12]}) in "
+                f"{self.store.root}; produce it first with: make {spec.name} (or python -m stages.{spec.name} "
+                f"with the same overrides), or run the whole chain with python -m saber.run"
+            )
+        return art
+
+
+def _get_path(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

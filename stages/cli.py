@@ -1,0 +1,31 @@
+"""Command-line entry shared by every stage module: `python -m stages.<name> key=value ...`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import hydra
+from omegaconf import DictConfig
+
+from saber.config import register_configs, validate
+from saber.pipeline import Pipeline, configure_logging
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+register_configs()
+
+
+def stage_main(stage: str) -> Callable[[], None]:
+    """A Hydra entry point that runs one stage from the artifacts already in the store."""
+
+    @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+    def _main(raw: DictConfig) -> None:
+        configure_logging()
+        cfg = validate(raw)
+        pipeline = Pipeline(cfg)
+        pipeline.force_stages = {stage} if cfg.force else set()
+        artifact = pipeline.ensure(stage, cfg.iteration, build_missing=False)
+        print(f"{stage}: {artifact.path}")
+
+    return _main
