@@ -1,0 +1,55 @@
+"""Edit configuration (mirrored by the Hydra schema of the edit stage)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+SCOPES = ("all", "same", "from_source")
+TIED_MODES = ("untie", "refuse")
+DEFAULT_ROLES = ("attn_out", "linear_attn_out", "mlp_down", "expert_down", "fused_expert_down", "laurel_out")
+KNOWN_ROLES = DEFAULT_ROLES + ("per_layer_embed_out",)
+
+
+@dataclass
+class EditConfig:
+    """How an edit plan is turned into weight changes.
+
+    scope: which layers' writers a direction found at layer s is removed from: "all" layers
+        (Arditi-style), only the "same" layer, or layers <= s ("from_source").
+    roles: writer roles to edit (see saber.model.adapters for the list per architecture).
+    embedding: also edit the token embedding (treated as layer -1 for `scope`).
+    tied_embeddings: when the embedding is tied to the output head: "untie" (give the head its
+        own unchanged copy) or "refuse" (raise).
+    norm_preserving: keep every residual-space column's norm.
+    sandwich_correction: for writers followed by a per-channel norm gain g, remove
+        normalise(g * v) instead of v so that v is removed from what reaches the residual.
+    dtype_compute: arithmetic precision of the edit ("float32" or "float64").
+    """
+
+    scope: Literal["all", "same", "from_source"] = "all"
+    roles: list[str] = field(default_factory=lambda: list(DEFAULT_ROLES))
+    embedding: bool = False
+    tied_embeddings: Literal["untie", "refuse"] = "refuse"
+    norm_preserving: bool = False
+    sandwich_correction: bool = True
+    dtype_compute: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"edit.scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.tied_embeddings not in TIED_MODES:
+            raise ValueError(f"edit.tied_embeddings must be one of {TIED_MODES}, got {self.tied_embeddings!r}")
+        unknown = sorted(set(self.roles) - set(KNOWN_ROLES))
+        if unknown:
+            raise ValueError(f"unknown edit.roles {unknown}; known roles: {list(KNOWN_ROLES)}")
+        if self.dtype_compute not in ("float32", "float64"):
+            raise ValueError(f"edit.dtype_compute must be float32 or float64, got {self.dtype_compute!r}")
+
+    def targets_layer(self, source_layer: int, target_layer: int) -> bool:
+        """Whether a direction found at `source_layer` is removed from `target_layer`'s writers."""
+        if self.scope == "all":
+            return True
+        if self.scope == "same":
+            return target_layer == source_layer
+        return target_layer <= source_layer

@@ -1,0 +1,1 @@
+"""Model access: architecture adapters and loading helpers."""
