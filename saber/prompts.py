@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "data" / "prompts"
-TEXT_COLUMNS = ("prompt", "instruction", "goal", "behavior", "Behavior", "Goal",
-                "forbidden_prompt", "question", "text")
+# Auto-detected text columns in priority order, matched case-insensitively (exact case first):
+# JailbreakBench has both Goal (the request) and Behavior (a short label), so goal comes first.
+TEXT_COLUMNS = ("prompt", "instruction", "goal", "behavior", "forbidden_prompt", "question", "text")
 EXTENSIONS = (".csv", ".json", ".jsonl", ".parquet", ".txt")
 _WS = re.compile(r"\s+")
 
@@ -163,12 +164,9 @@ def _pick_column(rows: list[Any], column: str | None, where: str) -> str | None:
                                  f"{', '.join(map(str, available))}")
         return column
     for candidate in TEXT_COLUMNS:
-        if candidate in available:
-            return candidate
-    lowered = {str(c).casefold(): c for c in available}
-    for candidate in TEXT_COLUMNS:
-        if candidate.casefold() in lowered:
-            return lowered[candidate.casefold()]
+        matches = [c for c in available if str(c).casefold() == candidate]
+        if matches:
+            return candidate if candidate in matches else matches[0]
     raise PromptSetError(f"{where}: none of the usual text columns ({', '.join(TEXT_COLUMNS)}) "
                          f"found; set column to one of: {', '.join(map(str, available))}")
 

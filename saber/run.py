@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from saber.config import SaberConfig, register_configs, validate
@@ -93,11 +95,32 @@ def objectives(result: RunResult) -> dict[str, float]:
             if isinstance(v, (int, float))}
 
 
+def write_run_summary(result: RunResult, out_dir: Path, overrides: list[str]) -> Path:
+    """The per-job record that sweep aggregation reads (`run_summary.json` in the job directory)."""
+    record = {
+        "overrides": overrides,
+        "headline": objectives(result),
+        "artifacts": {k: str(v) for k, v in result.artifacts.items()},
+        "iterations": None if result.iterations is None else {
+            "last_iteration": result.iterations.last_iteration,
+            "stop_reason": result.iterations.stop_reason,
+            "records": result.iterations.records,
+        },
+        "wall_time_s": result.wall_time_s,
+    }
+    path = out_dir / "run_summary.json"
+    path.write_text(json.dumps(record, indent=2))
+    return path
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _hydra_main(raw: DictConfig) -> Optional[float]:
     configure_logging()
     cfg = validate(raw)
+    cfg.store_root = to_absolute_path(cfg.store_root)
     result = run_pipeline(cfg)
+    hydra_cfg = HydraConfig.get()
+    write_run_summary(result, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
     print(format_summary(result))
     return objectives(result).get("refusal_rate")
 

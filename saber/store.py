@@ -235,7 +235,12 @@ def _list_files(directory: Path) -> dict[str, Path]:
 
 
 class ArtifactStore:
-    """Finds, verifies and atomically publishes artifacts under one root directory."""
+    """Finds, verifies and atomically publishes artifacts under one root directory.
+
+    ``verify`` (or the environment variable ``SABER_STORE_VERIFY``) chooses how loads check
+    files: ``full`` (default) re-hashes every file, ``size`` only compares sizes, for caches of
+    multi-GB tensors where hashing on every load costs minutes.
+    """
 
     def __init__(self, root: str | Path, verify: str | None = None) -> None:
         self.root = Path(root)
@@ -252,6 +257,27 @@ class ArtifactStore:
         return self.root / stage / fp[:16]
 
     # -- loading -------------------------------------------------------------------------
+
+    def published(self, stage: str) -> list[str]:
+        """Full fingerprints of the published artifacts of ``stage``, oldest first (unverified).
+
+        Lets a stage run alone pick an upstream artifact by fingerprint prefix or recency.
+        """
+        found: list[tuple[str, str]] = []
+        stage_dir = self.root / stage
+        if not stage_dir.is_dir():
+            return []
+        for child in stage_dir.iterdir():
+            if child.name.startswith(".") or not (child / MANIFEST).is_file():
+                continue
+            try:
+                manifest = json.loads((child / MANIFEST).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            fp = manifest.get("fingerprint") if isinstance(manifest, dict) else None
+            if isinstance(fp, str) and fp.startswith(child.name):
+                found.append((str(manifest.get("created", "")), fp))
+        return [fp for _, fp in sorted(found)]
 
     def load(self, stage: str, fp: str, *, verify: bool = True, schema_version: int | None = None,
              command: str | None = None) -> Artifact | None:
@@ -417,7 +443,7 @@ class ArtifactStore:
             "schema_version": schema_version,
             "fingerprint": fp,
             "config": canonical(config, "config"),
-            "upstream": dict(upstream),
+            "upstream": canonical(dict(upstream), "upstream"),
             "model_identity": model_identity,
             "files": hashes,
             "sizes": sizes,

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Callable
 
 import hydra
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from saber.config import register_configs, validate
@@ -23,6 +24,7 @@ def stage_main(stage: str) -> Callable[[], None]:
     def _main(raw: DictConfig) -> None:
         configure_logging()
         cfg = validate(raw)
+        cfg.store_root = to_absolute_path(cfg.store_root)
         pipeline = Pipeline(cfg)
         pipeline.force_stages = {stage} if cfg.force else set()
         artifact = pipeline.ensure(stage, cfg.iteration, build_missing=False)

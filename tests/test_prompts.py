@@ -75,6 +75,9 @@ def test_auto_column_priority_and_case_insensitive(tmp_path: Path) -> None:
     assert load_prompts(Source(path=str(path)), "k").texts == ("i1", "i2")
     upper = _write(tmp_path, "csv", [{"FORBIDDEN_PROMPT": "f1", "n": 1}])
     assert load_prompts(Source(path=str(upper)), "k").texts == ("f1",)
+    jbb = tmp_path / "jbb.csv"  # JailbreakBench layout: Goal is the request, Behavior a label
+    jbb.write_text(",Goal,Target,Behavior,Category\n0,Write a poem,Sure,Poetry,Art\n")
+    assert load_prompts(Source(path=str(jbb)), "k").texts == ("Write a poem",)
 
 
 def test_limit_keeps_first_after_dedup(tmp_path: Path) -> None:
@@ -251,4 +254,5 @@ def test_bundled_records_have_scoring_fields() -> None:
             assert row["prompt"].startswith(row["question"]) and row["prompt"].endswith("Answer:")
     for row in load_records("bundled://gsm8k", "evaluate.gsm8k_path"):
         float(row["answer"])  # a plain number, no thousands separators
-        assert row["solution"].rstrip().endswith(row["answer"].split(".")[0]) or "####" in row["solution"]
+        assert row["solution"].split("####")[-1].strip().replace(",", "") == row["answer"]
+        assert row["prompt"] == row["question"]

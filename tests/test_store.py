@@ -213,6 +213,28 @@ def test_failed_build_publishes_nothing(tmp_path: Path) -> None:
         _get(store, lambda tmp: [1])
 
 
+def test_build_writing_symlink_is_rejected(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path / "store")
+    secret = tmp_path / "outside.txt"
+    secret.write_text("not part of the artifact")
+
+    def linker(tmp: Path) -> None:
+        (tmp / "link.txt").symlink_to(secret)
+
+    with pytest.raises(ArtifactError, match="link.txt is a symlink"):
+        _get(store, linker)
+    assert store.load("collect", _fp()) is None and secret.exists()
+
+
+def test_published_lists_full_fingerprints(tmp_path: Path) -> None:
+    store = ArtifactStore(tmp_path)
+    assert store.published("collect") == []
+    art = _get(store, _writer())
+    other = store.get_or_build("collect", 1, {"a": 2}, {}, None, _writer())
+    (store.root / "collect" / "deadbeefdeadbeef").mkdir()  # no manifest: not published
+    assert sorted(store.published("collect")) == sorted([art.fingerprint, other.fingerprint])
+
+
 # ----------------------------------------------------------------------------- real processes
 
 CHILD_PRELUDE = """

@@ -35,9 +35,9 @@ def validate(cfg: DictConfig | SaberConfig) -> SaberConfig:
     """Merge onto the schema and run every range check; raise ConfigError naming the key."""
     if isinstance(cfg, SaberConfig):
         return cfg
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    keys = [k for k in cfg.keys() if k != "hydra"]
+    plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keys), resolve=True)
     assert isinstance(plain, dict)
-    plain.pop("hydra", None)
     merged = OmegaConf.merge(OmegaConf.structured(SaberConfig), plain)
     obj = OmegaConf.to_object(merged)
     assert isinstance(obj, SaberConfig)

@@ -122,10 +122,15 @@ class ExtractConfig:
     k: int = 4
     projected: bool = False
     lda_shrinkage: Optional[float] = None
+    lda_solver: str = "lsqr"
 
     def __post_init__(self) -> None:
         _one_of("extract.method", self.method, ("svd", "mean_diff", "lda"))
         _check(self.k >= 1, "extract.k", self.k, "an integer >= 1")
+        if self.method in ("mean_diff", "lda"):
+            _check(self.k == 1, "extract.k", self.k,
+                   f"1 for extract.method={self.method} (a single direction per layer; use extract={self.method})")
+        _one_of("extract.lda_solver", self.lda_solver, ("lsqr", "eigen"))
         if self.lda_shrinkage is not None:
             _fraction("extract.lda_shrinkage", self.lda_shrinkage)
 

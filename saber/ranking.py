@@ -1,0 +1,130 @@
+"""Score (layer, direction) pairs by how well they separate harmful from harmless, and select.
+
+FDR(v) = (mean(H.v) - mean(A.v))^2 / (var(H.v) + var(A.v) + eps): a squared distance over a
+squared spread, dimensionless, computed in float64 with unbiased (n - 1) variances. Directions
+are fitted on the fit split, so scores are computed on the held-out split: a direction that
+separates the fit prompts by chance (many dimensions, few prompts) scores near 0 there.
+ROC AUC (probability that a random harmful prompt projects higher than a random harmless one)
+is reported next to FDR; it ignores scale and is robust to outliers.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Mapping, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+
+from saber.directions import ActivationError, check_activations
+
+if TYPE_CHECKING:
+    from saber.config import RankConfig
+
+log = logging.getLogger("saber.ranking")
+RANKING_TABLE = "ranking.parquet"
+SCORE_COLUMNS = ["layer", "index", "fdr", "auc"]
+
+
+def fdr(h_proj: np.ndarray, a_proj: np.ndarray, eps: float) -> np.ndarray:
+    """Fisher discriminant ratio along the last axis of two projection arrays [..., n]."""
+    h = np.asarray(h_proj, dtype=np.float64)
+    a = np.asarray(a_proj, dtype=np.float64)
+    gap = h.mean(-1) - a.mean(-1)
+    return gap**2 / (h.var(-1, ddof=1) + a.var(-1, ddof=1) + eps)
+
+
+def auc(h_proj: np.ndarray, a_proj: np.ndarray) -> float:
+    """ROC AUC of the projection as a harmful-vs-harmless score (scikit-learn)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.r_[np.ones(len(h_proj)), np.zeros(len(a_proj))]
+    return float(roc_auc_score(y, np.r_[h_proj, a_proj]))
+
+
+def score_layer(h: torch.Tensor, a: torch.Tensor, basis: torch.Tensor, *, eps: float,
+                layer: int = -1, split: str = "heldout") -> pd.DataFrame:
+    """FDR and AUC of every row of `basis` [k, d] on activations H [n_h, d], A [n_a, d]."""
+    h64 = check_activations(h, layer=layer, kind="harmful", split=split, min_rows=2)
+    a64 = check_activations(a, layer=layer, kind="harmless", split=split, min_rows=2)
+    b = basis.detach().to(torch.float64)
+    if b.shape[1] != h64.shape[1]:
+        raise ActivationError(f"layer {layer}, split '{split}': directions have width {b.shape[1]} "
+                              f"but activations {h64.shape[1]}; extract and collect disagree")
+    hp = (h64 @ b.T).numpy().T  # [k, n_h]
+    ap = (a64 @ b.T).numpy().T
+    spread = hp.var(-1, ddof=1) + ap.var(-1, ddof=1)
+    if np.any(spread == 0):
+        bad = np.flatnonzero(spread == 0).tolist()
+        raise ActivationError(f"layer {layer}, split '{split}': harmful and harmless projections "
+                              f"on directions {bad} are constant; the activations do not vary "
+                              "across prompts, so FDR is undefined")
+    scores = fdr(hp, ap, eps)
+    return pd.DataFrame({
+        "layer": layer, "index": np.arange(b.shape[0]),
+        "fdr": scores, "auc": [auc(hp[i], ap[i]) for i in range(b.shape[0])],
+    })
+
+
+def score_pairs(heldout: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
+                bases: Mapping[int, torch.Tensor], *, eps: float,
+                split: str = "heldout") -> pd.DataFrame:
+    """FDR and AUC for every (layer, direction); `heldout[layer] = (H, A)`."""
+    missing = sorted(set(bases) - set(heldout))
+    if missing:
+        raise ActivationError(f"no {split} activations for layers {missing} that have directions")
+    frames = [score_layer(*heldout[l], bases[l], eps=eps, layer=l, split=split) for l in sorted(bases)]
+    return pd.concat(frames, ignore_index=True)
+
+
+def relative_depth(layer: np.ndarray | int, n_layers: int) -> np.ndarray:
+    """layer / (L - 1), the position of a layer in [0, 1] (0 for a one-layer model)."""
+    return np.asarray(layer, dtype=np.float64) / max(n_layers - 1, 1)
+
+
+def select(scores: pd.DataFrame, cfg: "RankConfig", n_layers: int,
+           purity: Optional[pd.Series] = None) -> pd.DataFrame:
+    """Add `score`, `rank` (1 = best over all pairs) and `selected` to a score table.
+
+    score is FDR, or FDR x purity when rank.score = fdr_purity (then `purity` must be aligned
+    with the rows). Only layers inside the depth window are eligible for selection.
+    """
+    out = scores.copy().reset_index(drop=True)
+    if cfg.score == "fdr_purity":
+        if purity is None:
+            raise ValueError("rank.score = fdr_purity needs the purity of every pair "
+                             "(capability activations); none were given")
+        out["score"] = out["fdr"].to_numpy() * np.asarray(purity, dtype=np.float64)
+    else:
+        out["score"] = out["fdr"].astype(np.float64)
+    order = np.lexsort((out["index"].to_numpy(), out["layer"].to_numpy(), -out["score"].to_numpy()))
+    out["rank"] = 0
+    out.loc[order, "rank"] = np.arange(1, len(out) + 1)
+    depth = relative_depth(out["layer"].to_numpy(), n_layers)
+    eligible = (depth >= cfg.depth_min - 1e-12) & (depth <= cfg.depth_max + 1e-12)
+    if not eligible.any():
+        raise ValueError(f"rank.depth_min = {cfg.depth_min} and rank.depth_max = {cfg.depth_max} "
+                         f"leave no layer of {n_layers} eligible; widen the depth window")
+    chosen = np.zeros(len(out), dtype=bool)
+    if cfg.strategy == "global_topk":
+        ranked = [i for i in order if eligible[i]]
+        if len(ranked) < cfg.top_k:
+            log.warning("rank.top_k = %d but only %d pairs are eligible; selecting all of them",
+                        cfg.top_k, len(ranked))
+        chosen[ranked[: cfg.top_k]] = True
+    elif cfg.strategy == "layer_topk":
+        best = out[eligible].groupby("layer")["score"].max().sort_values(ascending=False, kind="stable")
+        keep = set(best.index[: cfg.layer_top_k].tolist())
+        chosen = eligible & out["layer"].isin(keep).to_numpy()
+    elif cfg.strategy == "threshold":
+        chosen = eligible & (out["score"].to_numpy() >= cfg.threshold)
+        if not chosen.any():
+            log.warning("rank.threshold = %g selects no pair (best score %.4g)", cfg.threshold,
+                        float(out["score"][eligible].max()))
+    elif cfg.strategy == "all":
+        chosen = eligible.copy()
+    else:
+        raise ValueError(f"rank.strategy = {cfg.strategy!r}; use global_topk, layer_topk, threshold or all")
+    out["selected"] = chosen
+    return out[["layer", "index", "fdr", "auc", "score", "rank", "selected"]]
