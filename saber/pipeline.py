@@ -67,17 +67,35 @@ def _stage_registry() -> dict[str, StageSpec]:
     return STAGES
 
 
+@dataclass
+class ModelSession:
+    """One loaded base model shared by every stage, iteration and search trial of a process.
+
+    Plans are applied in place and reverted exactly before the next set is applied, so the
+    weights are loaded once.
+    """
+
+    model: Any = None
+    tokenizer: Any = None
+    handles: list[Any] = field(default_factory=list)
+
+    def revert(self) -> None:
+        for handle in reversed(self.handles):
+            handle.revert()
+        self.handles = []
+
+
 class Pipeline:
     """Resolves stages through the artifact store, building what is missing."""
 
-    def __init__(self, cfg: SaberConfig, store: Optional[ArtifactStore] = None) -> None:
+    def __init__(self, cfg: SaberConfig, store: Optional[ArtifactStore] = None,
+                 session: Optional[ModelSession] = None) -> None:
         self.cfg = cfg
         self.store = store or ArtifactStore(cfg.store_root)
         self._model_dir: Optional[Path] = None
         self._organism_dir: Optional[Path] = None
         self._identity: Optional[str] = None
-        self._model_cache: Optional[tuple[Any, Any]] = None
-        self._handles: list[Any] = []
+        self.session = session or ModelSession()
         self._resolved: dict[tuple[str, int], Artifact] = {}
         self.force_stages: set[str] = set(_stage_registry()) if cfg.force else set()
 
@@ -120,21 +138,17 @@ class Pipeline:
         from saber.edit import apply_plan, load_plan
         from saber.model.loading import load_model
 
-        if self._model_cache is None:
-            self._model_cache = load_model(self.cfg.model, self.model_dir())
-        for handle in reversed(self._handles):
-            handle.revert()
-        self._handles = []
-        model, tokenizer = self._model_cache
+        session = self.session
+        if session.model is None:
+            session.model, session.tokenizer = load_model(self.cfg.model, self.model_dir())
+        session.revert()
         for plan_art in plans:
-            self._handles.append(apply_plan(model, load_plan(plan_art.path), self.cfg.edit))
-        return model, tokenizer
+            session.handles.append(apply_plan(session.model, load_plan(plan_art.path), self.cfg.edit))
+        return session.model, session.tokenizer
 
     def release_model(self) -> None:
-        for handle in reversed(self._handles):
-            handle.revert()
-        self._handles = []
-        self._model_cache = None
+        """Return the shared model to its base weights (the model stays loaded for reuse)."""
+        self.session.revert()
 
     # stages ----------------------------------------------------------------------------------
     def _fingerprint_config(self, spec: StageSpec, iteration: int) -> dict[str, Any]:

@@ -10,11 +10,15 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from saber.store import ArtifactError, ArtifactStore, fingerprint
+from saber.store import Artifact, ArtifactError, ArtifactStore, fingerprint
+
+Build = Callable[[Path], "Mapping[str, Any] | None"]
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = dict(stage="collect", schema_version=1, config={"a": 1, "b": [0.5, "x"]},
@@ -27,8 +31,8 @@ def _fp(**over: object) -> str:
                        args["upstream"], args["model_identity"])  # type: ignore[arg-type]
 
 
-def _writer(payload: str = "hello") -> "callable":
-    def build(tmp: Path) -> dict:
+def _writer(payload: str = "hello") -> Build:
+    def build(tmp: Path) -> dict[str, int]:
         (tmp / "data.txt").write_text(payload)
         (tmp / "sub").mkdir()
         (tmp / "sub" / "more.bin").write_bytes(b"\x00\x01" * 1000)
@@ -36,7 +40,7 @@ def _writer(payload: str = "hello") -> "callable":
     return build
 
 
-def _get(store: ArtifactStore, build, **kw):  # noqa: ANN001, ANN202
+def _get(store: ArtifactStore, build: Callable[[Path], Any], **kw: Any) -> Artifact:
     return store.get_or_build(BASE["stage"], BASE["schema_version"], BASE["config"],
                               BASE["upstream"], BASE["model_identity"], build,
                               command="python -m stages.collect model=toy", **kw)

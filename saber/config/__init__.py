@@ -21,13 +21,14 @@ from saber.config.schema import (
     PromptSourceConfig,
     RankConfig,
     SaberConfig,
+    SearchConfig,
     register_configs,
 )
 
 __all__ = [
     "CollectConfig", "ConfigError", "DataConfig", "EditConfig", "EntangleConfig", "EvaluateConfig",
     "ExtractConfig", "IterateConfig", "KernelConfig", "ModelConfig", "OrganismConfig",
-    "PromptSourceConfig", "RankConfig", "SaberConfig", "register_configs", "validate", "as_plain",
+    "PromptSourceConfig", "RankConfig", "SaberConfig", "SearchConfig", "register_configs", "validate", "as_plain",
 ]
 
 

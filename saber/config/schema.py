@@ -254,6 +254,22 @@ class IterateConfig:
 
 
 @dataclass
+class SearchConfig:
+    n_trials: int = 16
+    study: str = "saber"
+    storage: Optional[str] = None
+    sampler: str = "tpe"
+    seed: int = 0
+    objectives: list[str] = field(default_factory=lambda: ["refusal_rate", "kl_tf_mean"])
+    space: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(self.n_trials >= 1, "search.n_trials", self.n_trials, "an integer >= 1")
+        _one_of("search.sampler", self.sampler, ("tpe", "nsga2", "random"))
+        _check(len(self.objectives) >= 1, "search.objectives", self.objectives, "at least one metric name")
+
+
+@dataclass
 class SaberConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -264,6 +280,7 @@ class SaberConfig:
     edit: EditConfig = field(default_factory=EditConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     iterate: IterateConfig = field(default_factory=IterateConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     method: str = "saber"
     stages: list[str] = field(default_factory=lambda: [
         "collect", "extract", "rank", "entangle", "edit", "evaluate"])

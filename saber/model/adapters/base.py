@@ -219,7 +219,9 @@ class ArchitectureAdapter:
         head_name = None
         tied = False
         if head is not None and getattr(head, "weight", None) is not None:
-            tied = head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr()
+            tied = head.weight is embed.weight or (
+                not embed.weight.is_meta and head.weight.data_ptr() == embed.weight.data_ptr()
+            )
             head_name = self._head_name(model, head.weight, names)
         scale = getattr(embed, "scalar_embed_scale", None)
         if scale is None:

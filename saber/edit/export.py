@@ -1,0 +1,250 @@
+"""Streaming export: rewrite a safetensors checkpoint shard by shard with the plan applied.
+
+Only one shard's tensors are in memory at a time (plus the few norm vectors the sandwich
+correction needs). The output is assembled in a temporary sibling directory and renamed into
+place at the end, so a failure leaves nothing half-written; the source is only ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from saber.edit.apply import TiedEmbeddingError, tied_embedding_message
+from saber.edit.config import EditConfig
+from saber.edit.math import compute_dtype, project_out, project_weight
+from saber.edit.plan import EditPlan
+from saber.edit.targets import EditTarget, norm_gain, plan_targets, target_directions
+from saber.model.adapters import ArchitectureAdapter, CheckpointTensor, get_adapter
+
+INDEX_NAME = "model.safetensors.index.json"
+CARD_NAME = "README.md"
+
+
+@dataclass(frozen=True)
+class _DiskEdit:
+    target: EditTarget
+    slot: CheckpointTensor
+
+
+class ExportPathError(ValueError):
+    """The requested output directory would touch the source or an existing directory."""
+
+
+def _check_paths(src: Path, out: Path, overwrite: bool) -> None:
+    if out == src or out.is_relative_to(src):
+        raise ExportPathError(f"refusing to export into the source model directory or inside it: {out}")
+    if src.is_relative_to(out):
+        raise ExportPathError(f"refusing to export to {out}: it contains the source model directory")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass overwrite=True to replace it")
+
+
+def _shard_keys(src: Path) -> dict[str, str]:
+    """Tensor name -> shard file name, from the index when there is one."""
+    index = src / INDEX_NAME
+    if index.exists():
+        return dict(json.loads(index.read_text())["weight_map"])
+    shards = sorted(p.name for p in src.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"no safetensors weights in {src} (other weight formats are not read)")
+    keys: dict[str, str] = {}
+    for shard in shards:
+        with safe_open(str(src / shard), framework="pt") as f:
+            keys.update({k: shard for k in f.keys()})
+    return keys
+
+
+def _meta_model(src: Path) -> torch.nn.Module:
+    """The model's module tree without weights (names and shapes only)."""
+    config = AutoConfig.from_pretrained(src)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _disk_edits(
+    adapter: ArchitectureAdapter, model: torch.nn.Module, targets: list[EditTarget], keys: dict[str, str]
+) -> dict[str, _DiskEdit]:
+    table = dict(model.named_parameters(remove_duplicate=False))
+    table.update(dict(model.named_buffers(remove_duplicate=False)))
+    edits: dict[str, _DiskEdit] = {}
+    for target in targets:
+        shape = table[target.param].shape
+        num_experts = int(shape[0]) if target.stacked else None
+        for slot in adapter.checkpoint_name(
+            target.param, keys, residual_axis=target.residual_axis, num_experts=num_experts
+        ):
+            edits[slot.key] = _DiskEdit(target, slot)
+    return edits
+
+
+class _NormReader:
+    """Reads (and caches) single norm vectors from whichever shard holds them."""
+
+    def __init__(self, src: Path, adapter: ArchitectureAdapter, keys: dict[str, str]) -> None:
+        self.src, self.adapter, self.keys = src, adapter, keys
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def __call__(self, param: str) -> torch.Tensor:
+        if param not in self.cache:
+            (slot,) = self.adapter.checkpoint_name(param, self.keys)
+            with safe_open(str(self.src / self.keys[slot.key]), framework="pt") as f:
+                self.cache[param] = f.get_tensor(slot.key)
+        return self.cache[param]
+
+
+def _edit_tensor(tensor: torch.Tensor, edit: _DiskEdit, plan: EditPlan, cfg: EditConfig, norms: _NormReader) -> torch.Tensor:
+    dtype = compute_dtype(cfg.dtype_compute)
+    gain = norm_gain(edit.target.norms, norms, dtype)
+    directions = target_directions(edit.target, plan, gain, dtype)
+    if edit.slot.expert is not None:
+        # one expert of a stack that is fused in memory: same per-expert arithmetic as in memory
+        return project_out(tensor, directions, edit.slot.residual_axis, norm_preserving=cfg.norm_preserving, dtype=dtype)
+    return project_weight(
+        tensor,
+        directions,
+        edit.slot.residual_axis,
+        stacked=edit.target.stacked,
+        norm_preserving=cfg.norm_preserving,
+        dtype=dtype,
+    )
+
+
+def _untie_config(path: Path) -> None:
+    config = json.loads(path.read_text())
+    config["tie_word_embeddings"] = False
+    for sub in ("text_config",):
+        if isinstance(config.get(sub), dict) and "tie_word_embeddings" in config[sub]:
+            config[sub]["tie_word_embeddings"] = False
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def model_card(src: Path, plan: EditPlan, cfg: EditConfig, targets: list[EditTarget], card_extra: str = "") -> str:
+    """A Markdown model card: method, edit settings, plan table, edited tensor counts."""
+    summary = plan.summary()
+    lines = [
+        "---",
+        "tags:",
+        "- saber",
+        "- abliteration",
+        "---",
+        "",
+        f"# {src.name} (SABER edit)",
+        "",
+        "This model was produced by SABER: residual-stream directions associated with refusal were "
+        "removed from the weights that write into the residual stream (W' = W - alpha u u^T W, "
+        "one orthonormalised u per direction, u corrected for post-writer norm gains).",
+        "",
+        "## Edit settings",
+        "",
+        f"- scope: `{cfg.scope}`",
+        f"- roles: `{', '.join(cfg.roles)}`",
+        f"- embedding edited: `{cfg.embedding}` (tied embeddings: `{cfg.tied_embeddings}`)",
+        f"- norm-preserving: `{cfg.norm_preserving}`",
+        f"- sandwich-norm correction: `{cfg.sandwich_correction}`",
+        f"- compute dtype: `{cfg.dtype_compute}`",
+        f"- tensors edited: {len(targets)}",
+        "",
+        "## Plan",
+        "",
+        "| rank | source layer | index | alpha |",
+        "|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {r.rank} | {r.layer} | {r.index} | {r.alpha:.4g} |" for r in summary.itertuples()]
+    if card_extra:
+        lines += ["", card_extra.strip()]
+    return "\n".join(lines) + "\n"
+
+
+def export_edited(
+    src_dir: Path,
+    out_dir: Path,
+    plan: EditPlan,
+    cfg: EditConfig,
+    *,
+    overwrite: bool = False,
+    card_extra: str = "",
+) -> Path:
+    """Write the edited model to `out_dir` (Hugging Face layout) and return its path.
+
+    Shards keep their names; the index, config, tokenizer and generation files are copied;
+    a README.md model card is written. Refuses to write into or over the source, and over an
+    existing directory unless `overwrite`.
+    """
+    src = Path(src_dir).resolve()
+    out = Path(out_dir).resolve()
+    _check_paths(src, out, overwrite)
+    keys = _shard_keys(src)
+    adapter = get_adapter(AutoConfig.from_pretrained(src))
+    model = _meta_model(src)
+    targets = plan_targets(adapter, model, plan, cfg)
+    embed = adapter.embedding(model)
+    untie = any(t.role == "embedding" for t in targets) and embed.tied
+    if untie and cfg.tied_embeddings != "untie":
+        raise TiedEmbeddingError(tied_embedding_message(cfg.tied_embeddings))
+    edits = _disk_edits(adapter, model, targets, keys)
+    norms = _NormReader(src, adapter, keys)
+    embed_key = adapter.checkpoint_name(embed.param, keys)[0].key if untie else None
+    head_key = embed.lm_head_param if untie else None
+    if head_key is not None and head_key in keys:
+        raise ValueError(f"{head_key} is on disk although the config ties it to the embedding")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for shard in sorted(set(keys.values())):
+            tensors: dict[str, torch.Tensor] = {}
+            with safe_open(str(src / shard), framework="pt") as f:
+                metadata = f.metadata() or {"format": "pt"}
+                for key in f.keys():
+                    tensor = f.get_tensor(key)
+                    if key in edits:
+                        if key == embed_key:
+                            tensors[head_key] = tensor.clone()  # type: ignore[index]
+                        tensor = _edit_tensor(tensor, edits[key], plan, cfg, norms)
+                    tensors[key] = tensor.contiguous()
+            save_file(tensors, str(tmp / shard), metadata=metadata)
+            del tensors
+        for item in src.iterdir():
+            if item.suffix == ".safetensors" or item.name == CARD_NAME or item.name.startswith("."):
+                continue
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name)
+            else:
+                shutil.copy2(item, tmp / item.name)
+        if untie:
+            _untie_config(tmp / "config.json")
+            if (tmp / INDEX_NAME).exists():
+                index = json.loads((tmp / INDEX_NAME).read_text())
+                index["weight_map"][head_key] = keys[embed_key]  # type: ignore[index]
+                (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (tmp / CARD_NAME).write_text(model_card(src, plan, cfg, targets, card_extra))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename `tmp` to `out`, replacing an existing `out` only after the new one is complete."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,196 @@
+"""Capability entanglement of refusal directions, edit strengths, and the edit plan.
+
+C_l holds the top-m principal directions (right singular vectors of the centred capability
+activations at layer l). For a unit direction v:
+
+- rho(v) = ||C_l^T v||^2 in [0, 1]: the share of v lying in the capability subspace;
+- rho_var(v) = v^T S v / lambda_max(S) in [0, 1], S the capability covariance: how much
+  capability variance v carries, relative to the most variable capability direction;
+- purity = 1 - rho; v is "entangled" when rho > tau, else "refusal".
+
+Strength modes (entangle.mode), every value from config, then scaled by
+iterate.alpha_decay ** iteration:
+
+- discrete: alpha_base for refusal directions, alpha_entangled for entangled ones;
+- ramp: alpha_base at rho <= ramp_low, alpha_entangled at rho >= ramp_high, linear between;
+- split: an entangled v becomes two plan rows, the pure part normalise(v - C C^T v) at
+  alpha_base and the entangled part normalise(C C^T v) at alpha_entangled (orthogonal, so the two
+  edits commute); refusal directions get one row at alpha_base. The table's alpha is then the
+  effective strength along v, alpha_base (1 - rho) + alpha_entangled rho;
+- uniform: alpha_base everywhere (entanglement ignored; the ablation baseline);
+- kernel: a tent over relative depth x = layer / (L - 1): peak_weight at peak_position, falling
+  linearly to min_weight at `distance` away and staying there beyond.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from saber.directions import ActivationError, check_activations
+from saber.edit.plan import PLAN_TABLE, PLAN_TENSORS
+from saber.ranking import relative_depth
+
+if TYPE_CHECKING:
+    from saber.config import EntangleConfig, KernelConfig
+
+log = logging.getLogger("saber.entangle")
+ENTANGLEMENT_TABLE = "entanglement.parquet"
+PLAN_COLUMNS = ["layer", "index", "rank", "alpha", "vector_key", "rho", "class", "fdr", "part"]
+_MIN_PART = 1e-6  # a split part with squared norm below this is dropped (nothing to edit)
+
+
+@dataclass
+class CapabilitySubspace:
+    """Principal directions of one layer's centred capability activations."""
+
+    layer: int
+    basis: torch.Tensor  # [m, d] float64, the top-m right singular vectors (rows of C^T)
+    directions: torch.Tensor  # [r, d] float64, every right singular vector with nonzero variance
+    variances: torch.Tensor  # [r] float64, capability variance along each (descending)
+
+    def rho(self, v: torch.Tensor) -> float:
+        """||C^T v||^2 for a unit v."""
+        return float(((self.basis @ _unit64(v)) ** 2).sum())
+
+    def rho_var(self, v: torch.Tensor) -> float:
+        """v^T S v / lambda_max(S) for a unit v."""
+        along = self.directions @ _unit64(v)
+        return float((self.variances * along**2).sum() / self.variances[0])
+
+    def entangled_part(self, v: torch.Tensor) -> torch.Tensor:
+        """C C^T v (float64)."""
+        return self.basis.T @ (self.basis @ _unit64(v))
+
+
+def _unit64(v: torch.Tensor) -> torch.Tensor:
+    v = v.detach().to(torch.float64)
+    return v / torch.linalg.vector_norm(v)
+
+
+def capability_subspace(x: torch.Tensor, m: int, *, layer: int = -1,
+                        split: str = "fit") -> CapabilitySubspace:
+    """Top-m principal directions of capability activations x [n, d] (centred on their mean)."""
+    x = check_activations(x, layer=layer, kind="capability", split=split, min_rows=m + 1)
+    centred = x - x.mean(0)
+    _, s, vt = torch.linalg.svd(centred, full_matrices=False)
+    keep = s > 1e-10 * s[0] if s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
+    if int(keep.sum()) < m:
+        raise ActivationError(f"layer {layer}, kind 'capability', split '{split}': the centred "
+                              f"capability activations have rank {int(keep.sum())} < entangle.m = {m} "
+                              "(constant or duplicated prompts); lower entangle.m or add "
+                              "varied capability prompts")
+    variances = s[keep] ** 2 / (x.shape[0] - 1)
+    return CapabilitySubspace(layer=layer, basis=vt[:m], directions=vt[keep], variances=variances)
+
+
+def classify(rho: float, tau: float) -> str:
+    """'entangled' when rho > tau, else 'refusal'."""
+    return "entangled" if rho > tau else "refusal"
+
+
+def kernel_weight(depth: float, kernel: "KernelConfig") -> float:
+    """Tent over relative depth: peak_weight at peak_position, min_weight at >= distance away."""
+    t = max(0.0, 1.0 - abs(depth - kernel.peak_position) / kernel.distance)
+    return kernel.min_weight + (kernel.peak_weight - kernel.min_weight) * t
+
+
+def strength(rho: float, depth: float, cfg: "EntangleConfig") -> float:
+    """Edit strength of a whole direction before iteration decay (split: effective along v)."""
+    if cfg.mode == "uniform":
+        return cfg.alpha_base
+    if cfg.mode == "kernel":
+        return kernel_weight(depth, cfg.kernel)
+    if cfg.mode == "discrete":
+        return cfg.alpha_entangled if rho > cfg.tau else cfg.alpha_base
+    if cfg.mode == "ramp":
+        t = min(max((rho - cfg.ramp_low) / (cfg.ramp_high - cfg.ramp_low), 0.0), 1.0)
+        return cfg.alpha_base + (cfg.alpha_entangled - cfg.alpha_base) * t
+    if cfg.mode == "split":
+        if rho > cfg.tau:
+            return cfg.alpha_base * (1.0 - rho) + cfg.alpha_entangled * rho
+        return cfg.alpha_base
+    raise ValueError(f"entangle.mode = {cfg.mode!r}; use discrete, ramp, split, kernel or uniform")
+
+
+def entanglement_table(selected: pd.DataFrame, bases: Mapping[int, torch.Tensor],
+                       subspaces: Mapping[int, CapabilitySubspace], cfg: "EntangleConfig",
+                       n_layers: int, decay: float = 1.0) -> pd.DataFrame:
+    """rho, rho_var, purity, class and alpha for each (layer, index) row of `selected`.
+
+    `selected` needs columns layer, index (fdr and rank are carried along when present);
+    `decay` is iterate.alpha_decay ** iteration.
+    """
+    rows = []
+    for rec in selected.itertuples(index=False):
+        layer, index = int(rec.layer), int(rec.index)
+        if layer not in subspaces:
+            raise ActivationError(f"layer {layer}: no capability subspace (capability activations "
+                                  "missing for this layer)")
+        v = bases[layer][index]
+        sub = subspaces[layer]
+        rho = sub.rho(v)
+        depth = float(relative_depth(layer, n_layers))
+        rows.append({
+            "layer": layer, "index": index, "rho": rho, "rho_var": sub.rho_var(v),
+            "purity": 1.0 - rho, "class": classify(rho, cfg.tau),
+            "alpha": strength(rho, depth, cfg) * decay,
+            "fdr": float(getattr(rec, "fdr", np.nan)),
+            "rank": int(getattr(rec, "rank", len(rows) + 1)),
+        })
+    return pd.DataFrame(rows, columns=["layer", "index", "rho", "rho_var", "purity", "class",
+                                       "alpha", "fdr", "rank"])
+
+
+def plan_rows(table: pd.DataFrame, bases: Mapping[int, torch.Tensor],
+              subspaces: Mapping[int, CapabilitySubspace], cfg: "EntangleConfig",
+              decay: float = 1.0) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
+    """The edit plan: one row per vector to remove, and the vectors (float32 [d]) by key.
+
+    Plan rank is the order of application (1 first): ranking order, and within a split
+    direction the pure part before the entangled part.
+    """
+    rows: list[dict[str, object]] = []
+    vectors: dict[str, torch.Tensor] = {}
+    for rec in table.sort_values(["rank", "layer", "index"]).to_dict("records"):
+        layer, index = int(rec["layer"]), int(rec["index"])
+        v = _unit64(bases[layer][index])
+        key = f"layer{layer}.dir{index}"
+        common = {"layer": layer, "index": index, "rho": float(rec["rho"]), "class": rec["class"],
+                  "fdr": float(rec["fdr"])}
+        if cfg.mode == "split" and rec["class"] == "entangled":
+            ent = subspaces[layer].entangled_part(v)
+            for part, vec, alpha in (("pure", v - ent, cfg.alpha_base),
+                                     ("entangled", ent, cfg.alpha_entangled)):
+                if float(vec @ vec) < _MIN_PART:
+                    log.info("layer %d direction %d: %s part is empty, not edited", layer, index, part)
+                    continue
+                vectors[f"{key}.{part}"] = (vec / torch.linalg.vector_norm(vec)).float()
+                rows.append({**common, "alpha": alpha * decay, "vector_key": f"{key}.{part}", "part": part})
+        else:
+            vectors[key] = v.float()
+            rows.append({**common, "alpha": float(rec["alpha"]), "vector_key": key, "part": "full"})
+    for i, row in enumerate(rows):
+        row["rank"] = i + 1
+    return pd.DataFrame(rows, columns=PLAN_COLUMNS), vectors
+
+
+def save_plan_files(plan: pd.DataFrame, vectors: Mapping[str, torch.Tensor], out_dir: Path) -> None:
+    """Write plan.parquet and plan.safetensors (vector_key -> float32 [d]) for the edit stage.
+
+    The edit library's `save_plan` writes the columns edit reads; the table is then rewritten
+    with the report columns (rho, class, fdr, part) added, which `load_plan` carries along.
+    """
+    from saber.edit.plan import EditPlan, PlanRow, save_plan
+
+    rows = [PlanRow(layer=int(r["layer"]), index=int(r["index"]), rank=int(r["rank"]),
+                    alpha=float(r["alpha"]), vector_key=str(r["vector_key"]))
+            for r in plan.to_dict("records")]
+    save_plan(EditPlan(rows=rows, vectors=dict(vectors)), Path(out_dir))
+    plan[PLAN_COLUMNS].to_parquet(Path(out_dir) / PLAN_TABLE, index=False)
