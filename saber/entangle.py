@@ -38,6 +38,7 @@ from saber.edit.plan import PLAN_TABLE, PLAN_TENSORS
 from saber.ranking import relative_depth
 
 if TYPE_CHECKING:
+    from saber.analysis_io import ActivationReader
     from saber.config import EntangleConfig, KernelConfig
 
 log = logging.getLogger("saber.entangle")
@@ -194,3 +195,17 @@ def save_plan_files(plan: pd.DataFrame, vectors: Mapping[str, torch.Tensor], out
             for r in plan.to_dict("records")]
     save_plan(EditPlan(rows=rows, vectors=dict(vectors)), Path(out_dir))
     plan[PLAN_COLUMNS].to_parquet(Path(out_dir) / PLAN_TABLE, index=False)
+
+
+def capability_subspaces(acts: "ActivationReader", layers: list[int], m: int,
+                         split: str = "fit") -> dict[int, CapabilitySubspace]:
+    """C_l for each layer from the capability activations of `split`."""
+    return {l: capability_subspace(acts.get(l, "capability", split), m, layer=l, split=split)
+            for l in layers}
+
+
+def purity_of(scores: pd.DataFrame, bases: Mapping[int, torch.Tensor],
+              subspaces: Mapping[int, CapabilitySubspace]) -> pd.Series:
+    """1 - rho for each (layer, index) row of `scores` (used by rank.score = fdr_purity)."""
+    return pd.Series([1.0 - subspaces[int(r["layer"])].rho(bases[int(r["layer"])][int(r["index"])])
+                      for r in scores.to_dict("records")], index=scores.index, dtype="float64")

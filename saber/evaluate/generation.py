@@ -1,0 +1,173 @@
+"""Batched greedy generation and teacher-forced scoring with left-padded prompts.
+
+Layout of every batch: [left pad][prompt][continuation][right pad]. Prompts are left-padded so
+that every row's response starts at the same column; continuations are right-padded. Position
+ids are computed from the attention mask, so a row's numbers do not depend on how much padding
+its batch needed.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from saber.evaluate.divergence import safe_log_softmax
+
+
+def render_prompts(tokenizer: Any, prompts: Sequence[str], system_prompt: str | None = None) -> list[str]:
+    """Chat-rendered prompt texts ending with the generation prompt (raw text without a template)."""
+    try:
+        from saber.model import chat  # shared renderer, when the model package provides it
+
+        return list(chat.render_prompts(tokenizer, list(prompts), system_prompt=system_prompt))
+    except (ImportError, AttributeError, TypeError):
+        pass
+    if getattr(tokenizer, "chat_template", None) is None:
+        return list(prompts)
+    out = []
+    for prompt in prompts:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
+        messages.append({"role": "user", "content": prompt})
+        out.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    return out
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], system_prompt: str | None = None) -> list[list[int]]:
+    """Token ids of chat-rendered prompts (the template supplies special tokens; none added twice)."""
+    texts = render_prompts(tokenizer, prompts, system_prompt)
+    has_template = getattr(tokenizer, "chat_template", None) is not None
+    enc = tokenizer(texts, add_special_tokens=not has_template)
+    return [list(ids) for ids in enc["input_ids"]]
+
+
+def encode_text(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of plain continuations (answer choices), no special tokens."""
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    for cand in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
+        if cand is not None:
+            return int(cand)
+    return 0
+
+
+def eos_ids_of(model: Any, tokenizer: Any) -> set[int]:
+    """Every token id that ends a response: generation config EOS ids and the tokenizer's."""
+    ids: set[int] = set()
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    for value in (eos, tokenizer.eos_token_id):
+        if value is None:
+            continue
+        ids.update(int(v) for v in (value if isinstance(value, (list, tuple)) else [value]))
+    return ids
+
+
+def model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - parameterless wrappers
+        return torch.device("cpu")
+
+
+def _layout(prompts: Sequence[Sequence[int]], conts: Sequence[Sequence[int]] | None,
+            pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """input ids and attention mask for [left pad][prompt][cont][right pad]; returns prompt width P."""
+    width = max(len(p) for p in prompts)
+    cont_width = max((len(c) for c in conts), default=0) if conts is not None else 0
+    ids = torch.full((len(prompts), width + cont_width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} of the batch encodes to zero tokens; remove empty prompts")
+        ids[i, width - len(p):width] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):width] = 1
+        if conts is not None and conts[i]:
+            c = conts[i]
+            ids[i, width:width + len(c)] = torch.tensor(c, dtype=torch.long)
+            mask[i, width:width + len(c)] = 1
+    return ids.to(device), mask.to(device), width
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def greedy_generate(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
+                    batch_size: int) -> list[list[int]]:
+    """Greedy continuations, each cut after its first EOS token (the EOS is kept)."""
+    device = model_device(model)
+    pad_id = pad_id_of(tokenizer)
+    eos = eos_ids_of(model, tokenizer)
+    gen_cfg = copy.deepcopy(model.generation_config)
+    gen_cfg.do_sample = False
+    gen_cfg.num_beams = 1
+    for name in ("temperature", "top_p", "top_k", "min_p", "typical_p"):
+        if hasattr(gen_cfg, name):
+            setattr(gen_cfg, name, None)
+    gen_cfg.max_new_tokens = max_new_tokens
+    gen_cfg.min_new_tokens = None
+    gen_cfg.max_length = None
+    gen_cfg.pad_token_id = pad_id
+    gen_cfg.eos_token_id = sorted(eos) or None
+    out: list[list[int]] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        batch = prompt_ids[start:start + batch_size]
+        ids, mask, width = _layout(batch, None, pad_id, device)
+        seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+        for row in seq[:, width:].tolist():
+            cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
+            out.append(row[:cut])
+    return out
+
+
+def decode(tokenizer: Any, token_ids: Sequence[Sequence[int]]) -> list[str]:
+    return [tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
+
+
+@dataclass
+class ScoredBatch:
+    """Teacher-forced log-probs of one batch: rows `index` of the input, response positions only.
+
+    logp: float32 [B, N, V] next-token log-probs at the positions that predict cont[:, 0..N-1];
+    mask: bool [B, N], True on real continuation tokens whose logits form a distribution;
+    target: int64 [B, N] the continuation tokens (pad where masked);
+    real: bool [B, N], True on real continuation tokens (mask plus positions with unusable logits).
+    """
+
+    index: list[int]
+    logp: torch.Tensor
+    mask: torch.Tensor
+    target: torch.Tensor
+    real: torch.Tensor
+
+
+@torch.no_grad()
+def teacher_forced(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
+                   cont_ids: Sequence[Sequence[int]], batch_size: int) -> Iterator[ScoredBatch]:
+    """Score each [prompt; continuation] once; yield log-probs of the continuation positions."""
+    if len(prompt_ids) != len(cont_ids):
+        raise ValueError(f"teacher_forced: {len(prompt_ids)} prompts but {len(cont_ids)} continuations")
+    device = model_device(model)
+    pad_id = pad_id_of(tokenizer)
+    for start in range(0, len(prompt_ids), batch_size):
+        prompts = prompt_ids[start:start + batch_size]
+        conts = cont_ids[start:start + batch_size]
+        n = max((len(c) for c in conts), default=0)
+        if n == 0:
+            yield ScoredBatch(list(range(start, start + len(prompts))),
+                              torch.zeros(len(prompts), 0, 0), torch.zeros(len(prompts), 0, dtype=torch.bool),
+                              torch.zeros(len(prompts), 0, dtype=torch.long),
+                              torch.zeros(len(prompts), 0, dtype=torch.bool))
+            continue
+        ids, mask, width = _layout(prompts, conts, pad_id, device)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
+        logp, valid = safe_log_softmax(logits[:, width - 1:width - 1 + n])
+        real = mask[:, width:width + n].bool()
+        yield ScoredBatch(list(range(start, start + len(prompts))), logp, valid & real,
+                          ids[:, width:width + n], real)

@@ -1,0 +1,45 @@
+"""Rank stage: FDR and AUC of every (layer, direction) on the held-out split, then selection.
+
+Reads `entangle.m` because rank.score = fdr_purity weighs FDR by 1 - rho, rho measured against
+the capability subspace of the fit split.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from saber.pipeline import StageContext, StageSpec
+from stages.cli import stage_main
+
+
+def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+    from saber.analysis_io import CollectedActivations
+    from saber.directions import load_directions
+    from saber.entangle import capability_subspaces, purity_of
+    from saber.plots import fdr_heatmap
+    from saber.ranking import RANKING_TABLE, score_pairs, select
+
+    acts = CollectedActivations(ctx.upstream["collect"].path)
+    directions = load_directions(ctx.upstream["extract"].path)
+    bases = {l: d.basis for l, d in directions.items()}
+    heldout = {l: (acts.get(l, "harmful", "heldout"), acts.get(l, "harmless", "heldout")) for l in bases}
+    scores = score_pairs(heldout, bases, eps=ctx.cfg.rank.eps, split="heldout")
+    purity = None
+    if ctx.cfg.rank.score == "fdr_purity":
+        subspaces = capability_subspaces(acts, sorted(bases), ctx.cfg.entangle.m, split="fit")
+        purity = purity_of(scores, bases, subspaces)
+    ranking = select(scores, ctx.cfg.rank, acts.n_layers, purity)
+    ranking.to_parquet(out_dir / RANKING_TABLE, index=False)
+    fdr_heatmap(ranking, out_dir / "fdr_heatmap.png")
+    best = ranking.sort_values("rank").iloc[0]
+    return {"selected": int(ranking["selected"].sum()), "pairs": len(ranking),
+            "best": {"layer": int(best["layer"]), "index": int(best["index"]), "fdr": float(best["fdr"])}}
+
+
+SPEC = StageSpec(name="rank", schema_version=1, config_keys=("rank", "entangle.m"),
+                 upstream=("collect", "extract"), build=build)
+main = stage_main("rank")
+
+if __name__ == "__main__":
+    main()
