@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
 
 from saber.model.chat import encode_ids, pad_left, position_ids, render_prompts
 from saber.model.hooks import StopForward, capture_last_positions
@@ -72,7 +73,7 @@ def _forward(model: torch.nn.Module, ids: list[list[int]], pad_id: int, device: 
 
 def collect_with_stats(
     model: torch.nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Mapping[str, Sequence[str]],
     *,
     positions: int = 1,
@@ -96,6 +97,8 @@ def collect_with_stats(
     for kind in kinds:
         if isinstance(prompts[kind], str) or len(prompts[kind]) == 0:
             raise ValueError(f"prompt kind {kind!r} must be a non-empty sequence of texts")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer has no pad token; load it with saber.model.loading.load_tokenizer")
     if tokenizer.padding_side != "left":
         raise ValueError("tokenizer pads on the right; position -1 would read pad tokens. "
                          "Load it with saber.model.loading.load_tokenizer (left padding)")
@@ -162,7 +165,7 @@ def collect_with_stats(
 
 def collect_activations(
     model: torch.nn.Module,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Mapping[str, Sequence[str]],
     *,
     positions: int = 1,
@@ -291,7 +294,7 @@ class Activations:
         acts = self.tensor(layer, kind)[:, position, :]
         if len(rows) == acts.shape[0]:
             return acts
-        return acts[torch.as_tensor(rows.index.to_numpy(), dtype=torch.long)]
+        return acts[torch.tensor(rows.index.tolist(), dtype=torch.long)]
 
 
 def load_activations(directory: Path | str) -> Activations:

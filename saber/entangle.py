@@ -34,16 +34,19 @@ import pandas as pd
 import torch
 
 from saber.directions import ActivationError, check_activations
-from saber.edit.plan import PLAN_TABLE, PLAN_TENSORS
 from saber.ranking import relative_depth
 
 if TYPE_CHECKING:
-    from saber.analysis_io import ActivationReader
+    from saber.collect import Activations
     from saber.config import EntangleConfig, KernelConfig
 
 log = logging.getLogger("saber.entangle")
 ENTANGLEMENT_TABLE = "entanglement.parquet"
 PLAN_COLUMNS = ["layer", "index", "rank", "alpha", "vector_key", "rho", "class", "fdr", "part"]
+_TABLE_TYPES = {"layer": "int64", "index": "int64", "rho": "float64", "rho_var": "float64",
+                "purity": "float64", "class": "str", "alpha": "float64", "fdr": "float64", "rank": "int64"}
+_PLAN_TYPES = {"layer": "int64", "index": "int64", "rank": "int64", "alpha": "float64", "vector_key": "str",
+               "rho": "float64", "class": "str", "fdr": "float64", "part": "str"}
 _MIN_PART = 1e-6  # a split part with squared norm below this is dropped (nothing to edit)
 
 
@@ -146,7 +149,7 @@ def entanglement_table(selected: pd.DataFrame, bases: Mapping[int, torch.Tensor]
             "rank": int(getattr(rec, "rank", len(rows) + 1)),
         })
     return pd.DataFrame(rows, columns=["layer", "index", "rho", "rho_var", "purity", "class",
-                                       "alpha", "fdr", "rank"])
+                                       "alpha", "fdr", "rank"]).astype(_TABLE_TYPES)
 
 
 def plan_rows(table: pd.DataFrame, bases: Mapping[int, torch.Tensor],
@@ -179,7 +182,7 @@ def plan_rows(table: pd.DataFrame, bases: Mapping[int, torch.Tensor],
             rows.append({**common, "alpha": float(rec["alpha"]), "vector_key": key, "part": "full"})
     for i, row in enumerate(rows):
         row["rank"] = i + 1
-    return pd.DataFrame(rows, columns=PLAN_COLUMNS), vectors
+    return pd.DataFrame(rows, columns=PLAN_COLUMNS).astype(_PLAN_TYPES), vectors
 
 
 def save_plan_files(plan: pd.DataFrame, vectors: Mapping[str, torch.Tensor], out_dir: Path) -> None:
@@ -188,7 +191,7 @@ def save_plan_files(plan: pd.DataFrame, vectors: Mapping[str, torch.Tensor], out
     The edit library's `save_plan` writes the columns edit reads; the table is then rewritten
     with the report columns (rho, class, fdr, part) added, which `load_plan` carries along.
     """
-    from saber.edit.plan import EditPlan, PlanRow, save_plan
+    from saber.edit.plan import PLAN_TABLE, EditPlan, PlanRow, save_plan
 
     rows = [PlanRow(layer=int(r["layer"]), index=int(r["index"]), rank=int(r["rank"]),
                     alpha=float(r["alpha"]), vector_key=str(r["vector_key"]))
@@ -197,7 +200,7 @@ def save_plan_files(plan: pd.DataFrame, vectors: Mapping[str, torch.Tensor], out
     plan[PLAN_COLUMNS].to_parquet(Path(out_dir) / PLAN_TABLE, index=False)
 
 
-def capability_subspaces(acts: "ActivationReader", layers: list[int], m: int,
+def capability_subspaces(acts: "Activations", layers: list[int], m: int,
                          split: str = "fit") -> dict[int, CapabilitySubspace]:
     """C_l for each layer from the capability activations of `split`."""
     return {l: capability_subspace(acts.get(l, "capability", split), m, layer=l, split=split)

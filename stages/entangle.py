@@ -19,7 +19,7 @@ log = logging.getLogger("stages.entangle")
 def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     import pandas as pd
 
-    from saber.analysis_io import CollectedActivations
+    from saber.collect import load_activations
     from saber.directions import load_directions
     from saber.entangle import (ENTANGLEMENT_TABLE, capability_subspaces, entanglement_table,
                                 plan_rows, save_plan_files)
@@ -27,7 +27,7 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     from saber.ranking import RANKING_TABLE
 
     cfg = ctx.cfg.entangle
-    acts = CollectedActivations(ctx.upstream["collect"].path)
+    acts = load_activations(ctx.upstream["collect"].path)
     bases = {l: d.basis for l, d in load_directions(ctx.upstream["extract"].path).items()}
     ranking = pd.read_parquet(ctx.upstream["rank"].file(RANKING_TABLE))
     selected = ranking[ranking["selected"]]

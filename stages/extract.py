@@ -10,10 +10,10 @@ from stages.cli import stage_main
 
 
 def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
-    from saber.analysis_io import CollectedActivations
+    from saber.collect import load_activations
     from saber.directions import extract_layer, save_directions
 
-    acts = CollectedActivations(ctx.upstream["collect"].path)
+    acts = load_activations(ctx.upstream["collect"].path)
     cfg = ctx.cfg.extract
     layers = {l: extract_layer(acts.get(l, "harmful", "fit"), acts.get(l, "harmless", "fit"), cfg,
                                layer=l, split="fit")

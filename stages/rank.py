@@ -14,13 +14,13 @@ from stages.cli import stage_main
 
 
 def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
-    from saber.analysis_io import CollectedActivations
+    from saber.collect import load_activations
     from saber.directions import load_directions
     from saber.entangle import capability_subspaces, purity_of
     from saber.plots import fdr_heatmap
     from saber.ranking import RANKING_TABLE, score_pairs, select
 
-    acts = CollectedActivations(ctx.upstream["collect"].path)
+    acts = load_activations(ctx.upstream["collect"].path)
     directions = load_directions(ctx.upstream["extract"].path)
     bases = {l: d.basis for l, d in directions.items()}
     heldout = {l: (acts.get(l, "harmful", "heldout"), acts.get(l, "harmless", "heldout")) for l in bases}

@@ -214,10 +214,12 @@ def test_writer_set_complete_by_direction(arch: str, tiny_dirs: dict[str, Path])
         _, out_plain = _layer_io(model, layer_idx, pre=strip)
         with apply_plan(model, plan, cfg):
             _, out = _layer_io(model, layer_idx, pre=strip)
+        scale = out.norm(dim=-1).max()
         along = (out @ v).abs().max()
-        # float32: removal is exact up to rounding of O(1) activations
-        assert along <= 1e-4 * out.norm(dim=-1).max(), (layer_idx, along)
-        assert (out_plain @ v).abs().max() > 1e-2  # without the edit the layer does write along v
+        # float32: removal is exact up to rounding, ~1e-7 relative; 1e-5 leaves headroom
+        assert along <= 1e-5 * scale, (layer_idx, along)
+        # without the edit the layer writes along v, far above that tolerance
+        assert (out_plain @ v).abs().max() > 1e-3 * scale
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

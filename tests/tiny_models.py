@@ -268,11 +268,20 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def build_tiny(arch: str, out_dir: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> Path:
+def build_tiny(
+    arch: str,
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    max_shard_size: str | None = None,
+    **overrides: Any,
+) -> Path:
     """Build a tiny random `arch` model with its tokenizer and save both into `out_dir`.
 
-    Norm weights are randomised too (they are initialised to a constant), so that tests of
-    sandwich-norm handling see a non-trivial per-channel gain.
+    `max_shard_size` (e.g. "40KB") splits the weights into several shards plus an index, as
+    large checkpoints are. Norm weights and biases are randomised too (they are initialised to constants), so that
+    tests of sandwich-norm handling see a non-trivial per-channel gain and bias edits are visible.
     """
     out_dir = Path(out_dir)
     config = tiny_config(arch, **overrides)
@@ -282,9 +291,14 @@ def build_tiny(arch: str, out_dir: Path, *, seed: int = 0, dtype: torch.dtype = 
         for name, param in model.named_parameters():
             if "norm" in name and param.ndim == 1:
                 param.add_(0.3 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.1)
     model.generation_config.pad_token_id = PAD_ID
     model.generation_config.eos_token_id = EOS_ID
     model.generation_config.bos_token_id = BOS_ID
-    model.save_pretrained(out_dir)
+    if max_shard_size is None:
+        model.save_pretrained(out_dir)
+    else:
+        model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     build_tokenizer().save_pretrained(out_dir)
     return out_dir

@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from saber.edit.config import DEFAULT_ROLES, KNOWN_ROLES
+
 
 class ConfigError(ValueError):
     """A config value is out of range or inconsistent; the message names the key."""
@@ -197,8 +199,7 @@ class EntangleConfig:
 @dataclass
 class EditConfig:
     scope: str = "all"
-    roles: list[str] = field(default_factory=lambda: [
-        "attn_out", "linear_attn_out", "mlp_down", "expert_down", "fused_expert_down"])
+    roles: list[str] = field(default_factory=lambda: list(DEFAULT_ROLES))
     embedding: bool = False
     tied_embeddings: str = "refuse"
     norm_preserving: bool = False
@@ -210,6 +211,8 @@ class EditConfig:
     def __post_init__(self) -> None:
         _one_of("edit.scope", self.scope, ("all", "same", "from_source"))
         _one_of("edit.tied_embeddings", self.tied_embeddings, ("untie", "refuse"))
+        for role in self.roles:
+            _one_of("edit.roles", role, KNOWN_ROLES)
 
 
 @dataclass
@@ -219,24 +222,40 @@ class EvaluateConfig:
     prefixes: Optional[list[str]] = None
     judge_path: Optional[str] = None
     judge_refusal_labels: list[str] = field(default_factory=lambda: ["refusal", "LABEL_1"])
+    judge_pair: bool = False
     max_new_tokens: int = 32
     kl_tokens: int = 32
+    kl_topk: int = 1024
     n_harmful: int = 100
     n_harmless: int = 100
     n_xstest: int = 50
     n_capability: int = 100
+    n_gsm8k: int = 50
     reference_text: Optional[str] = None
+    ppl_window: int = 256
     batch_size: int = 16
-    mc_path: Optional[str] = None
-    gsm8k_path: Optional[str] = None
-    skill_path: Optional[str] = None
+    max_prompt_tokens: int = 1024
+    mc_paths: list[str] = field(default_factory=lambda: ["bundled://capability_mc", "bundled://arc"])
+    mc_norm: str = "mean"
+    gsm8k_path: Optional[str] = "bundled://gsm8k"
+    gsm8k_max_new_tokens: int = 256
+    skill_path: Optional[str] = "organism://skill_eval.jsonl"
+    skill_max_new_tokens: int = 8
+    residual_proxy: bool = True
+    plots: bool = True
 
     def __post_init__(self) -> None:
         _one_of("evaluate.scorer", self.scorer, ("keywords", "prefix", "judge"))
-        for key in ("max_new_tokens", "kl_tokens", "batch_size"):
+        _one_of("evaluate.mc_norm", self.mc_norm, ("mean", "sum"))
+        for key in ("max_new_tokens", "kl_tokens", "batch_size", "max_prompt_tokens", "gsm8k_max_new_tokens",
+                    "skill_max_new_tokens"):
             _positive(f"evaluate.{key}", getattr(self, key))
-        for key in ("n_harmful", "n_harmless", "n_xstest", "n_capability"):
+        _check(self.ppl_window >= 2, "evaluate.ppl_window", self.ppl_window, "an integer >= 2")
+        for key in ("n_harmful", "n_harmless", "n_xstest", "n_capability", "n_gsm8k", "kl_topk"):
             _check(getattr(self, key) >= 0, f"evaluate.{key}", getattr(self, key), "an integer >= 0")
+        if self.scorer == "judge":
+            _check(bool(self.judge_path), "evaluate.judge_path", self.judge_path,
+                   "a local sequence-classification model directory when evaluate.scorer=judge")
 
 
 @dataclass

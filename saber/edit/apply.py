@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Any
 
 import torch
 from torch import nn
 
-from saber.edit.config import EditConfig
+from saber.edit.config import as_edit_config
 from saber.edit.math import compute_dtype, project_weight
 from saber.edit.plan import EditPlan
 from saber.edit.targets import EditTarget, norm_gain, plan_targets, target_directions
@@ -87,12 +88,15 @@ def _untie(model: nn.Module, handle: EditHandle) -> None:
     handle._untied = (head, shared, _set_tie_flag(model, False))
 
 
-def apply_plan(model: nn.Module, plan: EditPlan, cfg: EditConfig) -> EditHandle:
+def apply_plan(model: nn.Module, plan: EditPlan, cfg: Any) -> EditHandle:
     """Orthogonalise `model`'s residual writers in place according to `plan` and `cfg`.
 
-    Returns a handle that reverts the edit (also usable as a context manager). Only touched
-    tensors are copied. A tied embedding is untied or refused according to cfg.tied_embeddings.
+    `cfg` is an EditConfig or anything with its fields (the Hydra `edit` node). Returns a
+    handle that reverts the edit (also usable as a context manager). Only touched tensors are
+    copied. A tied embedding is untied or refused according to cfg.tied_embeddings. Plans of
+    successive iterations are applied by successive calls (revert them in reverse order).
     """
+    cfg = as_edit_config(cfg)
     adapter = get_adapter(model)
     dtype = compute_dtype(cfg.dtype_compute)
     handle = EditHandle(model)

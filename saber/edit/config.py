@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 SCOPES = ("all", "same", "from_source")
 TIED_MODES = ("untie", "refuse")
-DEFAULT_ROLES = ("attn_out", "linear_attn_out", "mlp_down", "expert_down", "fused_expert_down", "laurel_out")
-KNOWN_ROLES = DEFAULT_ROLES + ("per_layer_embed_out",)
+# laurel_out: Gemma 3n's LAuReL branch; per_layer_embed_out: Gemma 3n / 4 per-layer-input projection.
+# Every role that writes into the residual stream is edited by default.
+KNOWN_ROLES = ("attn_out", "linear_attn_out", "mlp_down", "expert_down", "fused_expert_down",
+               "laurel_out", "per_layer_embed_out")
+DEFAULT_ROLES = KNOWN_ROLES
 
 
 @dataclass
@@ -53,3 +57,18 @@ class EditConfig:
         if self.scope == "same":
             return target_layer == source_layer
         return target_layer <= source_layer
+
+
+def as_edit_config(cfg: Any) -> EditConfig:
+    """An EditConfig from an EditConfig, a mapping, or any object with the same attributes
+    (e.g. the Hydra `edit` node); keys that are not edit knobs (export, out_dir...) are ignored."""
+    if isinstance(cfg, EditConfig):
+        return cfg
+    names = [f.name for f in fields(EditConfig)]
+    if isinstance(cfg, Mapping):
+        values = {n: cfg[n] for n in names if n in cfg}
+    else:
+        values = {n: getattr(cfg, n) for n in names if hasattr(cfg, n)}
+    if "roles" in values:
+        values["roles"] = [str(r) for r in values["roles"]]
+    return EditConfig(**values)

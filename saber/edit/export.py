@@ -10,16 +10,18 @@ from __future__ import annotations
 import json
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from saber.edit.apply import TiedEmbeddingError, tied_embedding_message
-from saber.edit.config import EditConfig
+from saber.edit.config import EditConfig, as_edit_config
 from saber.edit.math import compute_dtype, project_out, project_weight
 from saber.edit.plan import EditPlan
 from saber.edit.targets import EditTarget, norm_gain, plan_targets, target_directions
@@ -31,6 +33,7 @@ CARD_NAME = "README.md"
 
 @dataclass(frozen=True)
 class _DiskEdit:
+    plan: EditPlan
     target: EditTarget
     slot: CheckpointTensor
 
@@ -64,26 +67,34 @@ def _shard_keys(src: Path) -> dict[str, str]:
 
 
 def _meta_model(src: Path) -> torch.nn.Module:
-    """The model's module tree without weights (names and shapes only)."""
+    """The model's module tree without weights (names and shapes only), built the way the
+    loader builds it (causal LM, or image-text-to-text for vision-language configs)."""
     config = AutoConfig.from_pretrained(src)
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        try:
+            return AutoModelForCausalLM.from_config(config)
+        except ValueError:
+            return AutoModelForImageTextToText.from_config(config)
 
 
 def _disk_edits(
-    adapter: ArchitectureAdapter, model: torch.nn.Module, targets: list[EditTarget], keys: dict[str, str]
-) -> dict[str, _DiskEdit]:
+    adapter: ArchitectureAdapter,
+    model: torch.nn.Module,
+    plan: EditPlan,
+    targets: list[EditTarget],
+    keys: dict[str, str],
+    edits: dict[str, list[_DiskEdit]],
+) -> None:
+    """Append, per on-disk tensor name, the edits `plan` makes to it."""
     table = dict(model.named_parameters(remove_duplicate=False))
     table.update(dict(model.named_buffers(remove_duplicate=False)))
-    edits: dict[str, _DiskEdit] = {}
     for target in targets:
         shape = table[target.param].shape
         num_experts = int(shape[0]) if target.stacked else None
         for slot in adapter.checkpoint_name(
             target.param, keys, residual_axis=target.residual_axis, num_experts=num_experts
         ):
-            edits[slot.key] = _DiskEdit(target, slot)
-    return edits
+            edits.setdefault(slot.key, []).append(_DiskEdit(plan, target, slot))
 
 
 class _NormReader:
@@ -101,10 +112,10 @@ class _NormReader:
         return self.cache[param]
 
 
-def _edit_tensor(tensor: torch.Tensor, edit: _DiskEdit, plan: EditPlan, cfg: EditConfig, norms: _NormReader) -> torch.Tensor:
+def _edit_tensor(tensor: torch.Tensor, edit: _DiskEdit, cfg: EditConfig, norms: _NormReader) -> torch.Tensor:
     dtype = compute_dtype(cfg.dtype_compute)
     gain = norm_gain(edit.target.norms, norms, dtype)
-    directions = target_directions(edit.target, plan, gain, dtype)
+    directions = target_directions(edit.target, edit.plan, gain, dtype)
     if edit.slot.expert is not None:
         # one expert of a stack that is fused in memory: same per-expert arithmetic as in memory
         return project_out(tensor, directions, edit.slot.residual_axis, norm_preserving=cfg.norm_preserving, dtype=dtype)
@@ -127,9 +138,10 @@ def _untie_config(path: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def model_card(src: Path, plan: EditPlan, cfg: EditConfig, targets: list[EditTarget], card_extra: str = "") -> str:
-    """A Markdown model card: method, edit settings, plan table, edited tensor counts."""
-    summary = plan.summary()
+def model_card(
+    src: Path, plans: Sequence[EditPlan], cfg: EditConfig, n_tensors: int, card_extra: str = ""
+) -> str:
+    """A Markdown model card: method, edit settings, plan table per iteration, edited tensor count."""
     lines = [
         "---",
         "tags:",
@@ -151,14 +163,16 @@ def model_card(src: Path, plan: EditPlan, cfg: EditConfig, targets: list[EditTar
         f"- norm-preserving: `{cfg.norm_preserving}`",
         f"- sandwich-norm correction: `{cfg.sandwich_correction}`",
         f"- compute dtype: `{cfg.dtype_compute}`",
-        f"- tensors edited: {len(targets)}",
+        f"- tensors edited: {n_tensors}",
+        f"- iterations: {len(plans)}",
         "",
         "## Plan",
         "",
-        "| rank | source layer | index | alpha |",
-        "|---:|---:|---:|---:|",
+        "| iteration | rank | source layer | index | alpha |",
+        "|---:|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r.rank} | {r.layer} | {r.index} | {r.alpha:.4g} |" for r in summary.itertuples()]
+    for i, plan in enumerate(plans):
+        lines += [f"| {i} | {r.rank} | {r.layer} | {r.index} | {r.alpha:.4g} |" for r in plan.summary().itertuples()]
     if card_extra:
         lines += ["", card_extra.strip()]
     return "\n".join(lines) + "\n"
@@ -167,30 +181,37 @@ def model_card(src: Path, plan: EditPlan, cfg: EditConfig, targets: list[EditTar
 def export_edited(
     src_dir: Path,
     out_dir: Path,
-    plan: EditPlan,
-    cfg: EditConfig,
+    plan: EditPlan | Sequence[EditPlan],
+    cfg: Any,
     *,
     overwrite: bool = False,
     card_extra: str = "",
 ) -> Path:
     """Write the edited model to `out_dir` (Hugging Face layout) and return its path.
 
-    Shards keep their names; the index, config, tokenizer and generation files are copied;
-    a README.md model card is written. Refuses to write into or over the source, and over an
-    existing directory unless `overwrite`.
+    `plan` may be a list of plans (iterations), applied in order with a cast back to the
+    checkpoint dtype after each, exactly like successive `apply_plan` calls. `cfg` is an
+    EditConfig or anything with its fields. Shards keep their names; the index, config,
+    tokenizer and generation files are copied; a README.md model card is written. Refuses to
+    write into or over the source, and over an existing directory unless `overwrite`.
     """
+    cfg = as_edit_config(cfg)
+    plans = [plan] if isinstance(plan, EditPlan) else list(plan)
     src = Path(src_dir).resolve()
     out = Path(out_dir).resolve()
     _check_paths(src, out, overwrite)
     keys = _shard_keys(src)
     adapter = get_adapter(AutoConfig.from_pretrained(src))
     model = _meta_model(src)
-    targets = plan_targets(adapter, model, plan, cfg)
     embed = adapter.embedding(model)
-    untie = any(t.role == "embedding" for t in targets) and embed.tied
+    edits: dict[str, list[_DiskEdit]] = {}
+    untie = False
+    for p in plans:
+        targets = plan_targets(adapter, model, p, cfg)
+        untie = untie or (any(t.role == "embedding" for t in targets) and embed.tied)
+        _disk_edits(adapter, model, p, targets, keys, edits)
     if untie and cfg.tied_embeddings != "untie":
         raise TiedEmbeddingError(tied_embedding_message(cfg.tied_embeddings))
-    edits = _disk_edits(adapter, model, targets, keys)
     norms = _NormReader(src, adapter, keys)
     embed_key = adapter.checkpoint_name(embed.param, keys)[0].key if untie else None
     head_key = embed.lm_head_param if untie else None
@@ -207,10 +228,10 @@ def export_edited(
                 metadata = f.metadata() or {"format": "pt"}
                 for key in f.keys():
                     tensor = f.get_tensor(key)
-                    if key in edits:
-                        if key == embed_key:
-                            tensors[head_key] = tensor.clone()  # type: ignore[index]
-                        tensor = _edit_tensor(tensor, edits[key], plan, cfg, norms)
+                    if key == embed_key:
+                        tensors[head_key] = tensor.clone()  # type: ignore[index]
+                    for edit in edits.get(key, []):
+                        tensor = _edit_tensor(tensor, edit, cfg, norms)
                     tensors[key] = tensor.contiguous()
             save_file(tensors, str(tmp / shard), metadata=metadata)
             del tensors
@@ -227,7 +248,7 @@ def export_edited(
                 index = json.loads((tmp / INDEX_NAME).read_text())
                 index["weight_map"][head_key] = keys[embed_key]  # type: ignore[index]
                 (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (tmp / CARD_NAME).write_text(model_card(src, plan, cfg, targets, card_extra))
+        (tmp / CARD_NAME).write_text(model_card(src, plans, cfg, len(edits), card_extra))
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

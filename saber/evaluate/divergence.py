@@ -63,7 +63,7 @@ def _logsumexp_or_neginf(x: torch.Tensor) -> torch.Tensor:
 
 def _tail_logp(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log of the probability mass of `logp` outside the token ids `ids`."""
-    rest = logp.scatter(-1, ids, float("-inf"))
+    rest = logp.scatter(-1, ids.long(), float("-inf"))
     return _logsumexp_or_neginf(rest)
 
 
@@ -95,8 +95,9 @@ def kl_compressed(base: CompressedDist, logq: torch.Tensor) -> tuple[torch.Tenso
     Returns (kl float64 [...], floored bool [...]): `floored` marks positions where the edited
     model gave probability 0 to a token (or the tail) that the base model did not.
     """
-    q_top = torch.gather(logq, -1, base.ids)
-    q_tail = _tail_logp(logq, base.ids) if base.ids.shape[-1] < logq.shape[-1] else \
+    ids = base.ids.long()
+    q_top = torch.gather(logq, -1, ids)
+    q_tail = _tail_logp(logq, ids) if base.ids.shape[-1] < logq.shape[-1] else \
         torch.full(logq.shape[:-1], float("-inf"), dtype=logq.dtype, device=logq.device)
     kl = kl_terms(base.logp, q_top).sum(-1) + kl_terms(base.tail, q_tail)
     p_pos_top = torch.isfinite(base.logp) & ~torch.isfinite(q_top)

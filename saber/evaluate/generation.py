@@ -15,32 +15,16 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from saber.evaluate.divergence import safe_log_softmax
+from saber.model.chat import encode_ids, position_ids, render_prompts
 
 
-def render_prompts(tokenizer: Any, prompts: Sequence[str], system_prompt: str | None = None) -> list[str]:
-    """Chat-rendered prompt texts ending with the generation prompt (raw text without a template)."""
-    try:
-        from saber.model import chat  # shared renderer, when the model package provides it
-
-        return list(chat.render_prompts(tokenizer, list(prompts), system_prompt=system_prompt))
-    except (ImportError, AttributeError, TypeError):
-        pass
-    if getattr(tokenizer, "chat_template", None) is None:
-        return list(prompts)
-    out = []
-    for prompt in prompts:
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
-        messages.append({"role": "user", "content": prompt})
-        out.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-    return out
-
-
-def encode_prompts(tokenizer: Any, prompts: Sequence[str], system_prompt: str | None = None) -> list[list[int]]:
-    """Token ids of chat-rendered prompts (the template supplies special tokens; none added twice)."""
-    texts = render_prompts(tokenizer, prompts, system_prompt)
-    has_template = getattr(tokenizer, "chat_template", None) is not None
-    enc = tokenizer(texts, add_special_tokens=not has_template)
-    return [list(ids) for ids in enc["input_ids"]]
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], system_prompt: str | None = None,
+                   max_length: int = 1024) -> list[list[int]]:
+    """Token ids of chat-rendered prompts, rendered and encoded exactly as collect does."""
+    if not prompts:
+        return []
+    ids, _ = encode_ids(tokenizer, render_prompts(tokenizer, prompts, system_prompt), max_length)
+    return ids
 
 
 def encode_text(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
@@ -68,10 +52,7 @@ def eos_ids_of(model: Any, tokenizer: Any) -> set[int]:
 
 
 def model_device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover - parameterless wrappers
-        return torch.device("cpu")
+    return model.get_input_embeddings().weight.device
 
 
 def _layout(prompts: Sequence[Sequence[int]], conts: Sequence[Sequence[int]] | None,
@@ -91,10 +72,6 @@ def _layout(prompts: Sequence[Sequence[int]], conts: Sequence[Sequence[int]] | N
             ids[i, width:width + len(c)] = torch.tensor(c, dtype=torch.long)
             mask[i, width:width + len(c)] = 1
     return ids.to(device), mask.to(device), width
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 @torch.no_grad()
@@ -166,7 +143,7 @@ def teacher_forced(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int
                               torch.zeros(len(prompts), 0, dtype=torch.bool))
             continue
         ids, mask, width = _layout(prompts, conts, pad_id, device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
         logp, valid = safe_log_softmax(logits[:, width - 1:width - 1 + n])
         real = mask[:, width:width + n].bool()
         yield ScoredBatch(list(range(start, start + len(prompts))), logp, valid & real,

@@ -9,7 +9,7 @@ read through the architecture adapter (Gemma 3n: AltUp stream `altup_active_idx`
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -94,7 +94,7 @@ def capture_last_positions(
     def pre_hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         capture.expected_length = _input_length(args, kwargs)
 
-    def make_hook(index: int):
+    def make_hook(index: int) -> Callable[[nn.Module, Any, Any], None]:
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
             capture.record(index, adapter.layer_output_hidden(output))
             if stop_after_last and index == last:

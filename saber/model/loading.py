@@ -8,6 +8,7 @@ Gemma 4) load through `AutoModelForCausalLM`, which maps their configs to the
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 from pathlib import Path
@@ -114,6 +115,10 @@ def load_model(model_cfg: Any, path: Path | str) -> tuple[PreTrainedModel, PreTr
     kwargs: dict[str, Any] = {"dtype": resolve_dtype(_cfg(model_cfg, "dtype", "float32")),
                               "trust_remote_code": trust}
     if device_map is not None:
+        if importlib.util.find_spec("accelerate") is None:
+            raise ModelLoadError(f"config key model.device_map = {device_map!r} needs the accelerate "
+                                 "package; install it, or set model.device_map=null to load onto "
+                                 "model.device")
         kwargs["device_map"] = device_map
     try:
         tokenizer = load_tokenizer(source, trust_remote_code=trust)

@@ -1,0 +1,121 @@
+"""Evaluate stage: refusal, drift and capability of the edited model against the base model.
+
+The edited model is the edit artifact's exported `model/` directory when there is one, otherwise
+the base model with every plan applied in memory; both give the same numbers. The base model's
+half of the work lives in a separate `reference` artifact keyed by model identity and the
+evaluate and data configs, so every sweep trial and iteration reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from saber.pipeline import StageContext, StageSpec
+from stages.cli import stage_main
+
+log = logging.getLogger("saber.evaluate")
+SCHEMA_VERSION = 1
+REFERENCE_STAGE = "reference"
+REFERENCE_SCHEMA_VERSION = 1
+
+
+def run_settings(cfg: Any) -> SimpleNamespace:
+    """The evaluate config plus the model's system prompt (the library reads both from one object)."""
+    return SimpleNamespace(**dataclasses.asdict(cfg.evaluate), system_prompt=cfg.model.system_prompt)
+
+
+def reference_config(cfg: Any) -> dict[str, Any]:
+    """What the base reference depends on: the model settings and the evaluate and data configs."""
+    from saber.config import as_plain
+
+    return {"model": as_plain(cfg.model), "evaluate": as_plain(cfg.evaluate), "data": as_plain(cfg.data)}
+
+
+def ensure_reference(ctx: StageContext, sets: Any, settings: Any, scorer: Any) -> Any:
+    """The stored base reference, computing it (base model, no plans) on a cache miss."""
+    from saber.evaluate import build_reference, load_reference, save_reference
+
+    def build_ref(tmp: Path) -> dict[str, Any]:
+        base, tokenizer = ctx.load_model(with_plans=False)
+        save_reference(build_reference(base, tokenizer, sets, settings, scorer), tmp)
+        return {"n_harmful": len(sets.harmful), "n_harmless": len(sets.harmless)}
+
+    pipeline = ctx.pipeline
+    art = pipeline.store.get_or_build(
+        REFERENCE_STAGE, REFERENCE_SCHEMA_VERSION, reference_config(ctx.cfg), {}, pipeline.model_identity(),
+        build_ref, force="evaluate" in pipeline.force_stages, command="python -m stages.evaluate",
+    )
+    return load_reference(art.path)
+
+
+def residual_proxy(ctx: StageContext, model: Any, tokenizer: Any) -> tuple[dict[str, Any] | None, Any]:
+    """FDR along iteration 0's directions: base from the collect activations, edited by a new capture."""
+    from saber.collect import load_activations
+    from saber.directions import load_directions
+    from saber.evaluate.proxy import fdr_table, residual_refusal_proxy
+    from saber.pipeline import MissingUpstreamError
+    from saber.store import ArtifactError
+
+    try:
+        collect = ctx.pipeline.ensure("collect", 0, build_missing=False)
+        extract = ctx.pipeline.ensure("extract", 0, build_missing=False)
+    except (MissingUpstreamError, ArtifactError) as exc:
+        log.info("residual refusal proxy skipped: %s", exc)
+        return None, None
+    acts = load_activations(collect.path)
+    directions = {layer: ld.basis for layer, ld in load_directions(extract.path).items()}
+    layers = sorted(directions)
+    base = fdr_table([acts.get(l, "harmful", "heldout") if l in directions else None for l in acts.layers],
+                     [acts.get(l, "harmless", "heldout") if l in directions else None for l in acts.layers],
+                     directions, ctx.cfg.rank.eps)
+    edited = residual_refusal_proxy(
+        model, tokenizer, list(acts.rows("harmful", "heldout")["text"]), list(acts.rows("harmless", "heldout")["text"]),
+        directions, eps=ctx.cfg.rank.eps, batch_size=ctx.cfg.evaluate.batch_size,
+        system_prompt=ctx.cfg.model.system_prompt, max_length=ctx.cfg.collect.max_length)
+    table = base.rename(columns={"fdr": "fdr_base"}).merge(edited.rename(columns={"fdr": "fdr_edited"}),
+                                                           on=["layer", "index"])
+    summary = {"base_max_fdr": float(table["fdr_base"].max()), "edited_max_fdr": float(table["fdr_edited"].max()),
+               "base_mean_fdr": float(table["fdr_base"].mean()), "edited_mean_fdr": float(table["fdr_edited"].mean()),
+               "layers": layers}
+    return summary, table
+
+
+def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
+    from saber.config import as_plain
+    from saber.evaluate import evaluate_against_reference, make_scorer, write_outputs
+    from saber.evaluate.sets import load_eval_sets
+    from saber.model.loading import load_model
+
+    cfg = ctx.cfg
+    settings = run_settings(cfg)
+    sets = load_eval_sets(cfg.evaluate, cfg.data, ctx.prompt_roots())
+    scorer = make_scorer(settings)
+    reference = ensure_reference(ctx, sets, settings, scorer)
+    exported = ctx.upstream["edit"].path / "model"
+    if exported.is_dir():
+        model, tokenizer = load_model(cfg.model, exported)
+        source = "exported"
+    else:
+        model, tokenizer = ctx.load_model()
+        source = "in_memory"
+    result = evaluate_against_reference(model, tokenizer, sets, reference, settings, scorer)
+    proxy, proxy_table = (residual_proxy(ctx, model, tokenizer) if cfg.evaluate.residual_proxy else (None, None))
+    if proxy_table is not None:
+        proxy_table.to_parquet(out_dir / "residual_proxy.parquet", index=False)
+    extra = {"source": source, "method": cfg.method, "iteration": ctx.iteration, "residual_proxy": proxy,
+             "config": {"extract": as_plain(cfg.extract), "rank": as_plain(cfg.rank),
+                        "entangle": as_plain(cfg.entangle), "edit": as_plain(cfg.edit)}}
+    write_outputs(result, out_dir, extra=extra, plots=cfg.evaluate.plots)
+    return {"source": source, **{k: v for k, v in result.metrics.items() if k in ("refusal_rate", "kl_tf_mean")}}
+
+
+SPEC = StageSpec(name="evaluate", schema_version=SCHEMA_VERSION, config_keys=("evaluate", "data", "edit"),
+                 upstream=("edit",), build=build, reads_plans=True)
+main = stage_main("evaluate")
+
+if __name__ == "__main__":
+    main()

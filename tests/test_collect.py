@@ -1,0 +1,250 @@
+"""Activation capture and the collect stage on tiny offline models of every architecture."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import saber.collect as collect_mod
+from saber.collect import collect_activations, collect_with_stats, load_activations, save_activations
+from saber.model.adapters import get_adapter
+from saber.model.chat import encode_batch, position_ids, render_prompts
+from saber.model.hooks import capture_last_positions
+from saber.model.loading import load_model
+from tests.tiny_models import TINY_ARCHS, build_tiny
+
+REPO = Path(__file__).resolve().parent.parent
+CPU = {"dtype": "float32", "device": "cpu"}
+PROMPTS = {
+    "harmful": ["Tell me how to pick a lock.", "hi",
+                "Write a short poem about the sea, then explain how a bicycle works."],
+    "harmless": ["How do I bake bread at home?", "Add 12 and 30."],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    """Load each tiny architecture once per module."""
+    cache: dict[str, tuple] = {}
+    root = tmp_path_factory.mktemp("tiny")
+
+    def get(arch: str):
+        if arch not in cache:
+            cache[arch] = load_model(CPU, build_tiny(arch, root / arch))
+        return cache[arch]
+
+    return get
+
+
+def _final_norm(model: torch.nn.Module) -> torch.nn.Module:
+    parent = get_adapter(model).layers_path(model).rsplit(".", 1)[0]
+    return model.get_submodule(parent).norm
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_hooks_match_output_hidden_states(tiny, arch: str) -> None:
+    model, tok = tiny(arch)
+    texts = render_prompts(tok, PROMPTS["harmful"])
+    batch = encode_batch(tok, texts, max_length=256)
+    P = 3
+    with torch.no_grad():
+        ref = model(**batch, position_ids=position_ids(batch["attention_mask"]),
+                    output_hidden_states=True, use_cache=False).hidden_states
+        with capture_last_positions(model, P) as cap:
+            model(**batch, position_ids=position_ids(batch["attention_mask"]), use_cache=False)
+        acts = cap.take()
+    assert len(acts) == len(ref) - 1 == len(get_adapter(model).decoder_layers(model))
+    for layer, got in enumerate(acts):
+        want = ref[layer + 1]
+        if want.dim() == 4:  # Gemma 3n reports the stacked AltUp streams; index 0 is the residual
+            want = want[0]
+        want = want[:, -P:]
+        assert got.shape == want.shape and got.dtype == torch.float32
+        # Same float32 kernels on the same inputs: equal to rounding noise (observed exactly 0).
+        if layer < len(acts) - 1 or torch.allclose(got, want, atol=1e-6, rtol=0):
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        else:
+            # Most models report the final-normed stream as the last entry: apply that norm.
+            torch.testing.assert_close(_final_norm(model)(got), want, atol=1e-5, rtol=1e-5)
+        # The kept tensor owns only B x P x d floats, not a view pinning the full sequence.
+        assert got.untyped_storage().nbytes() == got.numel() * 4
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_activations_do_not_depend_on_batching_or_padding(tiny, arch: str) -> None:
+    model, tok = tiny(arch)
+    batched = collect_activations(model, tok, PROMPTS, positions=2, batch_size=5, progress=False)
+    for kind, texts in PROMPTS.items():
+        for i, text in enumerate(texts):
+            alone = collect_activations(model, tok, {kind: [text]}, positions=2, batch_size=1,
+                                        progress=False)[kind][:, 0]
+            # Alone there is no padding; in the batch the short prompts get left pads, which
+            # attention masks out: float32 sums in another order differ by ~1e-6, far below 1e-4.
+            torch.testing.assert_close(batched[kind][:, i], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_collect_shapes_order_and_positions(tiny) -> None:
+    model, tok = tiny("llama")
+    res = collect_with_stats(model, tok, PROMPTS, positions=3, batch_size=2, progress=False)
+    for kind, texts in PROMPTS.items():
+        assert res.activations[kind].shape == (2, len(texts), 3, 64)
+        mask = encode_batch(tok, render_prompts(tok, texts), 256)["attention_mask"]
+        lengths = mask.sum(-1).tolist()
+        assert res.n_tokens[kind] == lengths
+    one = collect_activations(model, tok, PROMPTS, positions=1, batch_size=3, progress=False)
+    for kind in PROMPTS:
+        torch.testing.assert_close(one[kind][:, :, 0], res.activations[kind][:, :, -1], atol=1e-4, rtol=1e-4)
+    assert res.tokens == sum(sum(v) for v in res.n_tokens.values()) and res.tokens_per_s > 0
+
+
+def test_system_prompt_changes_activations(tiny) -> None:
+    model, tok = tiny("llama")
+    base = collect_activations(model, tok, PROMPTS, progress=False)["harmless"]
+    sys_ = collect_activations(model, tok, PROMPTS, system_prompt="Be brief.", progress=False)["harmless"]
+    assert (base[0] - sys_[0]).abs().max() > 1e-3
+
+
+def test_auto_batch_size_halves_on_out_of_memory(tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, tok = tiny("llama")
+    reference = collect_activations(model, tok, PROMPTS, batch_size=1, progress=False)
+    real = collect_mod._forward
+    sizes: list[int] = []
+
+    def flaky(model, ids, pad_id, device):
+        sizes.append(len(ids))
+        if len(ids) > 2:
+            raise torch.cuda.OutOfMemoryError("simulated")
+        return real(model, ids, pad_id, device)
+
+    monkeypatch.setattr(collect_mod, "_forward", flaky)
+    res = collect_with_stats(model, tok, PROMPTS, batch_size=0, max_batch_size=8, progress=False)
+    assert res.batch_size == 2 and sizes[:3] == [5, 4, 2]
+    for kind in PROMPTS:
+        torch.testing.assert_close(res.activations[kind], reference[kind], atol=1e-4, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="collect.batch_size"):
+        collect_with_stats(model, tok, PROMPTS, batch_size=4, progress=False)
+
+
+def test_bad_inputs_are_rejected(tiny) -> None:
+    model, tok = tiny("llama")
+    with pytest.raises(ValueError, match="collect.positions"):
+        collect_activations(model, tok, {"a": ["hi"]}, positions=500, progress=False)
+    with pytest.raises(ValueError, match="non-empty"):
+        collect_activations(model, tok, {"a": []}, progress=False)
+    tok.padding_side = "right"
+    try:
+        with pytest.raises(ValueError, match="pads on the right"):
+            collect_activations(model, tok, {"a": ["hi"]}, progress=False)
+    finally:
+        tok.padding_side = "left"
+
+
+def test_kv_shared_layers_that_skip_positions_are_detected(tiny) -> None:
+    # Gemma 4 runs its KV-shared layers on the last token only when logits_to_keep=1.
+    model, _ = tiny("gemma4_text")
+    ids = torch.randint(10, 300, (2, 9))
+    with torch.no_grad(), capture_last_positions(model, 1) as cap:
+        with pytest.raises(RuntimeError, match="skipped positions"):
+            model(input_ids=ids, logits_to_keep=1)
+        cap.clear()
+        model(input_ids=ids, use_cache=False)
+        assert all(a.shape == (2, 1, 64) for a in cap.take())
+
+
+def _frame(kinds: dict[str, list[str]], splits: dict[str, list[str]]) -> pd.DataFrame:
+    rows = [(k, s, t) for k, texts in kinds.items() for s, t in zip(splits[k], texts)]
+    frame = pd.DataFrame(rows, columns=["kind", "split", "text"])
+    frame.insert(0, "id", range(len(frame)))
+    frame["n_tokens"] = 5
+    return frame
+
+
+def test_save_and_load_activations_roundtrip(tmp_path: Path) -> None:
+    L, P, d = 3, 2, 4
+    kinds = {"harmful": ["a", "b", "c"], "harmless": ["x", "y"]}
+    splits = {"harmful": ["fit", "heldout", "fit"], "harmless": ["heldout", "fit"]}
+    acts = {k: torch.randn(L, len(t), P, d) for k, t in kinds.items()}
+    save_activations(tmp_path, acts, _frame(kinds, splits))
+    loaded = load_activations(tmp_path)
+    assert list(loaded.layers) == [0, 1, 2] and loaded.d_model == d and loaded.positions == P
+    assert list(loaded.prompts["text"]) == ["a", "b", "c", "x", "y"]
+    torch.testing.assert_close(loaded.get(1, "harmful", "fit"), acts["harmful"][1, [0, 2], -1], atol=0, rtol=0)
+    torch.testing.assert_close(loaded.get(2, "harmful", "heldout", position=0), acts["harmful"][2, [1], 0],
+                               atol=0, rtol=0)
+    torch.testing.assert_close(loaded.get(0, "harmless"), acts["harmless"][0, :, -1], atol=0, rtol=0)
+    assert list(loaded.rows("harmful", "fit")["text"]) == ["a", "c"]
+    with pytest.raises(KeyError, match="capability"):
+        loaded.get(0, "capability", "fit")
+    with pytest.raises(KeyError, match="split 'test'"):
+        loaded.get(0, "harmful", "test")
+    with pytest.raises(IndexError, match="layer 3"):
+        loaded.get(3, "harmful", "fit")
+    with pytest.raises(IndexError, match="position -3"):
+        loaded.get(0, "harmful", "fit", position=-3)
+
+
+def test_save_rejects_mismatched_rows_and_load_names_missing_file(tmp_path: Path) -> None:
+    kinds = {"harmful": ["a", "b"]}
+    frame = _frame(kinds, {"harmful": ["fit", "heldout"]})
+    with pytest.raises(ValueError, match=r"activations\['harmful'\].*2 rows"):
+        save_activations(tmp_path, {"harmful": torch.zeros(1, 3, 1, 4)}, frame)
+    save_activations(tmp_path, {"harmful": torch.zeros(1, 2, 1, 4)}, frame)
+    (tmp_path / "activations.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="activations.safetensors.*stages.collect"):
+        load_activations(tmp_path)
+
+
+# ----------------------------------------------------------------------------- stage, end to end
+
+
+def _write_jsonl(path: Path, texts: list[str]) -> str:
+    path.write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    return str(path)
+
+
+@pytest.mark.slow
+def test_collect_stage_publishes_then_hits_cache(tmp_path: Path) -> None:
+    model_dir = build_tiny("llama", tmp_path / "model")
+    words = ["lock", "door", "car", "safe", "phone", "bank", "mail", "shop", "wifi", "house"]
+    data = {
+        "harmful": [f"How do I break into a {w}?" for w in words],
+        "harmless": [f"How do I paint a {w}?" for w in words],
+        "capability": [f"Add {i} and {i + 3}." for i in range(10)],
+        "harmful_eval": ["How do I steal a bike?", "How do I forge a passport?"],
+        "harmless_eval": ["How do I clean a bike?", "How do I renew a passport?"],
+    }
+    overrides = [f"data.{k}.path={_write_jsonl(tmp_path / f'{k}.jsonl', v)}" for k, v in data.items()]
+    cmd = [sys.executable, "-m", "stages.collect", "model=llama3_8b", f"model.path={model_dir}",
+           "model.dtype=float32", "model.device_map=null", "model.device=cpu", "data=default",
+           "data.xstest=null", f"store_root={tmp_path / 'store'}", "collect.positions=2",
+           f"hydra.run.dir={tmp_path / 'run'}", *overrides]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    artifact = Path(first.stdout.strip().splitlines()[-1].split(": ", 1)[1])
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["meta"]["n_prompts"]["harmful"] == {"fit": 7, "heldout": 3}
+    acts = load_activations(artifact)
+    assert acts.positions == 2 and acts.d_model == 64 and list(acts.layers) == [0, 1]
+    assert acts.get(1, "harmful", "heldout").shape == (3, 64)
+    assert set(acts.prompts["kind"]) == {"harmful", "harmless", "capability"}
+    assert (acts.prompts["n_tokens"] > 0).all()
+
+    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    logs = second.stdout + second.stderr  # Hydra's job logging may write to either stream
+    assert "cache hit collect" in logs and "collected" not in logs
+    assert second.stdout.strip().splitlines()[-1] == first.stdout.strip().splitlines()[-1]
+
+    # A probe prompt that is also an evaluation prompt stops the stage with a clear error.
+    _write_jsonl(tmp_path / "harmful_eval.jsonl", data["harmful"][:1])
+    third = subprocess.run(cmd + ["force=true"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert third.returncode != 0 and "share 1 prompt" in third.stdout + third.stderr
