@@ -234,7 +234,8 @@ def load_directions(art_dir: Path) -> dict[int, LayerDirections]:
             return torch.tensor(rows[name].to_numpy(), dtype=torch.float32)
 
         out[int(layer)] = LayerDirections(
-            layer=int(layer), basis=tensors[key], singular_values=tensors[f"layer{int(layer)}.singular_values"],
+            layer=int(layer), basis=tensors[key],
+            singular_values=tensors[f"layer{int(layer)}.singular_values"],
             energy_share=col("energy_share"), mean_proj_harmful=col("mean_proj_harmful"),
             mean_proj_harmless=col("mean_proj_harmless"))
     return out

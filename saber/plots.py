@@ -17,7 +17,8 @@ def _pyplot():  # type: ignore[no-untyped-def]
     return plt
 
 
-def fdr_heatmap(ranking: pd.DataFrame, path: Path, title: str = "FDR (held-out) per layer and direction") -> Path:
+def fdr_heatmap(ranking: pd.DataFrame, path: Path,
+                title: str = "FDR (held-out) per layer and direction") -> Path:
     """Layer x direction heat map of FDR, selected pairs outlined; written to `path`."""
     plt = _pyplot()
     layers = sorted(ranking["layer"].unique())
@@ -53,7 +54,7 @@ def entanglement_scatter(table: pd.DataFrame, tau: float, path: Path,
         part = table[table["class"] == cls]
         ax.scatter(part["rho"], part["fdr"], c=colour, label=f"{cls} ({len(part)})", s=22)
     for rec in table.to_dict("records"):
-        ax.annotate(f"{rec['layer']}.{rec['index']}", (rec["rho"], rec["fdr"]), fontsize=6,
+        ax.annotate(f"L{rec['layer']}.{rec['index']}", (rec["rho"], rec["fdr"]), fontsize=6,
                     xytext=(2, 2), textcoords="offset points")
     ax.axvline(tau, color="grey", linestyle="--", label=f"tau = {tau:g}")
     ax.set_xlim(0.0, 1.0)

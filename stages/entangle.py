@@ -44,7 +44,7 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
             "entangled": int((table["class"] == "entangled").sum())}
 
 
-SPEC = StageSpec(name="entangle", schema_version=1, config_keys=("entangle", "iterate"),
+SPEC = StageSpec(name="entangle", schema_version=1, config_keys=("entangle", "iterate.alpha_decay"),
                  upstream=("collect", "extract", "rank"), build=build)
 main = stage_main("entangle")
 

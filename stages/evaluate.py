@@ -53,18 +53,15 @@ def ensure_reference(ctx: StageContext, sets: Any, settings: Any, scorer: Any) -
 
 
 def residual_proxy(ctx: StageContext, model: Any, tokenizer: Any) -> tuple[dict[str, Any] | None, Any]:
-    """FDR along iteration 0's directions: base from the collect activations, edited by a new capture."""
+    """FDR along this iteration's directions: before the edit from the collect activations, after
+    it by a new capture on the edited model (at iteration 0 these are the original directions)."""
     from saber.collect import load_activations
     from saber.directions import load_directions
     from saber.evaluate.proxy import fdr_table, residual_refusal_proxy
-    from saber.pipeline import MissingUpstreamError
-    from saber.store import ArtifactError
 
-    try:
-        collect = ctx.pipeline.ensure("collect", 0, build_missing=False)
-        extract = ctx.pipeline.ensure("extract", 0, build_missing=False)
-    except (MissingUpstreamError, ArtifactError) as exc:
-        log.info("residual refusal proxy skipped: %s", exc)
+    collect, extract = ctx.upstream.get("collect"), ctx.upstream.get("extract")
+    if collect is None or extract is None:
+        log.info("residual refusal proxy skipped: no collect/extract artifact")
         return None, None
     acts = load_activations(collect.path)
     directions = {layer: ld.basis for layer, ld in load_directions(extract.path).items()}
@@ -110,11 +107,12 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
              "config": {"extract": as_plain(cfg.extract), "rank": as_plain(cfg.rank),
                         "entangle": as_plain(cfg.entangle), "edit": as_plain(cfg.edit)}}
     write_outputs(result, out_dir, extra=extra, plots=cfg.evaluate.plots)
-    return {"source": source, **{k: v for k, v in result.metrics.items() if k in ("refusal_rate", "kl_tf_mean")}}
+    headline = {k: v for k, v in result.metrics.items() if k in ("refusal_rate", "kl_tf_mean")}
+    return {"source": source, **{k: (v if v == v else None) for k, v in headline.items()}}
 
 
 SPEC = StageSpec(name="evaluate", schema_version=SCHEMA_VERSION, config_keys=("evaluate", "data", "edit"),
-                 upstream=("edit",), build=build, reads_plans=True)
+                 upstream=("collect", "extract", "edit"), build=build, reads_plans=True)
 main = stage_main("evaluate")
 
 if __name__ == "__main__":

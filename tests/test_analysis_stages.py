@@ -44,7 +44,8 @@ def make_cfg(tmp_path: Path, *overrides: str) -> SaberConfig:
     model_dir = tmp_path / "model"
     model_dir.mkdir(exist_ok=True)
     cfg = OmegaConf.structured(SaberConfig)
-    for group, name in (("extract", "svd"), ("rank", "default"), ("entangle", "default"), ("iterate", "default")):
+    groups = (("extract", "svd"), ("rank", "default"), ("entangle", "default"), ("iterate", "default"))
+    for group, name in groups:
         cfg = OmegaConf.merge(cfg, {group: OmegaConf.load(CONF / group / f"{name}.yaml")})
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(
         [f"store_root={tmp_path / 'store'}", f"model.path={model_dir}", *overrides]))

@@ -248,3 +248,34 @@ def test_collect_stage_publishes_then_hits_cache(tmp_path: Path) -> None:
     third = subprocess.run(cmd + ["force=true"], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=300)
     assert third.returncode != 0 and "share 1 prompt" in third.stdout + third.stderr
+
+
+def test_probe_splits_explicit_heldout_and_overlap_checks(tmp_path: Path) -> None:
+    from saber.config.schema import DataConfig, PromptSourceConfig
+    from stages.collect import load_probe_splits, prompt_frame
+
+    def src(name: str, texts: list[str]) -> PromptSourceConfig:
+        return PromptSourceConfig(path=_write_jsonl(tmp_path / f"{name}.jsonl", texts))
+
+    harmful = [f"harm {i}" for i in range(10)]
+    data = DataConfig(harmful=src("harmful", harmful), harmless=src("harmless", [f"ok {i}" for i in range(10)]),
+                      capability=src("capability", [f"add {i}" for i in range(4)]),
+                      harmful_eval=src("harmful_eval", ["harm eval"]), harmless_eval=PromptSourceConfig(),
+                      capability_heldout=src("capability_heldout", ["add 100", "add 101"]),
+                      heldout_fraction=0.3, seed=0)
+    splits = load_probe_splits(data, {})
+    assert [len(splits["harmful"][s]) for s in ("fit", "heldout")] == [7, 3]
+    assert set(splits["harmful"]["fit"].texts) | set(splits["harmful"]["heldout"].texts) == set(harmful)
+    assert splits["capability"]["fit"].texts == tuple(f"add {i}" for i in range(4))
+    assert splits["capability"]["heldout"].texts == ("add 100", "add 101")
+    frame = prompt_frame(splits)
+    assert list(frame["id"]) == list(range(26)) and list(frame.columns) == ["id", "kind", "split", "text", "n_tokens"]
+    assert list(frame[frame["kind"] == "harmful"]["split"]) == ["fit"] * 7 + ["heldout"] * 3
+
+    data.harmful_eval = src("harmful_eval", ["HARM  3"])  # same prompt modulo case and spaces
+    with pytest.raises(ValueError, match="share 1 prompt"):
+        load_probe_splits(data, {})
+    data.harmful_eval = PromptSourceConfig()
+    data.harmless = src("harmless", ["harm 1", "ok"])
+    with pytest.raises(ValueError, match="share 1 prompt"):
+        load_probe_splits(data, {})

@@ -163,13 +163,15 @@ def test_non_finite_activations_are_rejected(bad: float, kind: str) -> None:
     p = make_planted()
     h, a = harmful_harmless(p, 30, 30, seed=0)
     (h if kind == "harmful" else a)[4, 3] = bad
-    with pytest.raises(ActivationError, match=re.escape(f"layer 9, kind '{kind}', split 'fit'") + r".*NaN or Inf.*\[4\]"):
+    where = re.escape(f"layer 9, kind '{kind}', split 'fit'")
+    with pytest.raises(ActivationError, match=where + r".*NaN or Inf.*\[4\]"):
         extract_layer(h, a, ExtractConfig(), layer=9)
 
 
 def test_save_load_round_trip(tmp_path) -> None:
     p = make_planted()
-    layers = {l: extract_layer(*harmful_harmless(p, 50, 50, seed=l), ExtractConfig(), layer=l) for l in range(3)}
+    layers = {l: extract_layer(*harmful_harmless(p, 50, 50, seed=l), ExtractConfig(), layer=l)
+              for l in range(3)}
     save_directions(layers, tmp_path)
     back = load_directions(tmp_path)
     assert sorted(back) == [0, 1, 2]

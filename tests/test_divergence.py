@@ -72,7 +72,13 @@ class Perturb:
         model.lm_head.register_forward_hook(self._post)
 
     def _pre(self, module, args, kwargs) -> None:
-        self.total = kwargs["attention_mask"].shape[1]
+        # Sequence length so far: generate() may drop an all-ones mask and pass cache_position instead.
+        if kwargs.get("attention_mask") is not None:
+            self.total = kwargs["attention_mask"].shape[1]
+        elif kwargs.get("cache_position") is not None:
+            self.total = int(kwargs["cache_position"][-1]) + 1
+        else:
+            self.total = kwargs["input_ids"].shape[1]
 
     def _post(self, module, args, out: torch.Tensor) -> torch.Tensor:
         cols = torch.arange(self.total - out.shape[1], self.total)

@@ -161,7 +161,8 @@ def test_every_entangle_knob_changes_the_plan(base: dict, knob: str, value: obje
 
     def run(c: EntangleConfig) -> pd.DataFrame:
         selected, bases, _ = frame(VARIED, VARIED_LAYERS)
-        subs = {l: capability_subspace(CAP, c.m, layer=l) for l in bases}
+        sub = capability_subspace(CAP, c.m)  # every layer shares the planted capability data
+        subs = {l: sub for l in bases}
         t = entanglement_table(selected, bases, subs, c, 11)
         plan, _ = plan_rows(t, bases, subs, c)
         return plan
@@ -180,7 +181,8 @@ def test_plan_files_round_trip_through_edit_loader(tmp_path) -> None:
     plan, vectors = plan_rows(t, bases, subs, cfg)
     save_plan_files(plan, vectors, tmp_path)
     table = pd.read_parquet(tmp_path / "plan.parquet")
-    assert list(table.columns) == ["layer", "index", "rank", "alpha", "vector_key", "rho", "class", "fdr", "part"]
+    assert list(table.columns) == ["layer", "index", "rank", "alpha", "vector_key", "rho", "class", "fdr",
+                                   "part"]
     loaded = load_plan(tmp_path)
     assert [(r.layer, r.index, r.rank, r.alpha, r.vector_key) for r in loaded.ordered()] == \
         [(int(r["layer"]), int(r["index"]), int(r["rank"]), float(r["alpha"]), r["vector_key"])
@@ -194,7 +196,8 @@ def test_degenerate_capability_sets() -> None:
     with pytest.raises(ActivationError, match=r"layer 4, kind 'capability', split 'fit'.*need at least 11"):
         capability_subspace(CAP[:8], 10, layer=4)
     dup = CAP[:3].repeat(10, 1)  # 30 rows, rank 2 after centring
-    with pytest.raises(ActivationError, match=r"layer 4, kind 'capability', split 'fit'.*rank 2 < entangle.m = 6"):
+    with pytest.raises(ActivationError,
+                       match=r"layer 4, kind 'capability', split 'fit'.*rank 2 < entangle.m = 6"):
         capability_subspace(dup, 6, layer=4)
     bad = CAP.clone()
     bad[7, 1] = float("nan")

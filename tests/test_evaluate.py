@@ -27,14 +27,15 @@ from saber.evaluate.stats import aggregate, proportion  # noqa: E402
 
 
 @pytest.mark.parametrize("k,n,lo,hi", [
-    (0, 10, 0.0, 0.27753),      # Wilson (1927) / Newcombe (1998) table values, 5 decimals
-    (5, 10, 0.23659, 0.76341),
-    (81, 263, 0.25527, 0.36642),
-    (10, 10, 0.72247, 1.0),
+    (0, 10, 0.0, 0.2775),      # published Wilson score intervals (Newcombe 1998), 4 decimals
+    (5, 10, 0.2366, 0.7634),
+    (81, 263, 0.2553, 0.3662),
+    (10, 10, 0.7225, 1.0),
 ])
 def test_wilson_interval_known_values(k: int, n: int, lo: float, hi: float) -> None:
     got = wilson_interval(k, n)
-    assert got[0] == pytest.approx(lo, abs=1e-5) and got[1] == pytest.approx(hi, abs=1e-5)
+    # Half a unit of the 4th decimal: the published values are rounded to 4 places.
+    assert got[0] == pytest.approx(lo, abs=5e-5) and got[1] == pytest.approx(hi, abs=5e-5)
 
 
 def test_wilson_interval_matches_scipy() -> None:
@@ -204,3 +205,70 @@ def test_exported_model_and_in_memory_plan_give_identical_numbers(tiny_dir: Path
     # And evaluate_models (base + edited objects) agrees with the stored-reference path.
     direct = evaluate_models(base, exported, tok, sets(), cfg, KeywordScorer())
     assert direct.metrics["kl_tf_mean"] == pytest.approx(res_exported.metrics["kl_tf_mean"], abs=1e-9)
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@pytest.mark.slow
+def test_stage_reuses_reference_and_matches_exported_and_in_memory(tiny_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import saber.evaluate as ev_mod
+    from saber.config import PromptSourceConfig, SaberConfig
+    from saber.edit import EditPlan, PlanRow, export_edited, save_plan
+    from saber.pipeline import Pipeline, StageContext
+    from saber.store import Artifact
+    from stages import evaluate as stage
+
+    cfg = SaberConfig()
+    cfg.model.path = str(tiny_dir)
+    cfg.store_root = str(tmp_path / "store")
+    cfg.data.harmful_eval = PromptSourceConfig(path="bundled://harmful_eval")
+    cfg.data.harmless_eval = PromptSourceConfig(path="bundled://harmless_eval")
+    e = cfg.evaluate
+    e.n_harmful, e.n_harmless, e.n_xstest, e.max_new_tokens, e.kl_tokens = 3, 4, 0, 6, 6
+    e.mc_paths, e.gsm8k_path, e.skill_path = [], None, None  # probes are covered above; keep this fast
+    pipeline = Pipeline(cfg)
+
+    d = 64
+    plan = EditPlan(rows=[PlanRow(0, 0, 0, 1.0, "v0")], vectors={"v0": torch.randn(d, generator=torch.Generator().manual_seed(3))})
+    save_plan(plan, tmp_path / "plan")
+    plan_art = Artifact("entangle", "f" * 64, tmp_path / "plan", {})
+    export_edited(tiny_dir, tmp_path / "edit_exported" / "model", plan, cfg.edit)
+    (tmp_path / "edit_plans_only").mkdir()
+
+    builds = []
+    real = ev_mod.build_reference
+    monkeypatch.setattr(ev_mod, "build_reference", lambda *a, **k: builds.append(1) or real(*a, **k))
+    results = {}
+    for name in ("edit_exported", "edit_plans_only"):
+        ctx = StageContext(cfg, pipeline, 0, {"edit": Artifact("edit", "e" * 64, tmp_path / name, {})}, [plan_art])
+        out = tmp_path / f"out_{name}"
+        out.mkdir()
+        meta = stage.build(ctx, out)
+        results[meta["source"]] = json.loads((out / "summary.json").read_text())["headline"]
+    assert len(builds) == 1  # the base reference was computed once and then read from the store
+    assert set(results) == {"exported", "in_memory"}
+    assert results["exported"]["kl_tf_mean"] > 0
+    for key, value in results["exported"].items():
+        assert value == pytest.approx(results["in_memory"][key], abs=1e-6, nan_ok=True), key
+
+
+def test_residual_proxy_fdr_sees_a_planted_direction(tiny_dir: Path) -> None:
+    from saber.evaluate.proxy import fdr_table, residual_refusal_proxy
+
+    gen = torch.Generator().manual_seed(0)
+    d = 16
+    v = torch.zeros(d)
+    v[0] = 1.0
+    a = torch.randn(200, d, generator=gen)
+    h = torch.randn(200, d, generator=gen) + 3.0 * v  # harmful shifted by 3 sd along v only
+    table = fdr_table([h], [a], {0: torch.stack([v, torch.eye(d)[1]])}, 1e-8)
+    fdr_v, fdr_orth = table["fdr"].tolist()
+    # Expected FDR along v: 3^2 / (1 + 1) = 4.5; sampling error of 200 rows is ~10-15%.
+    assert 3.5 < fdr_v < 5.5 and fdr_orth < 0.1
+
+    base, tok = load(tiny_dir)
+    dirs = {layer: torch.randn(2, base.config.hidden_size, generator=gen) for layer in range(2)}
+    out = residual_refusal_proxy(base, tok, PROMPTS[:3], PROMPTS[3:], dirs)
+    assert len(out) == 4 and out["fdr"].notna().all() and (out["fdr"] >= 0).all()

@@ -175,7 +175,9 @@ def test_encode_batch_pads_and_truncates_left() -> None:
     # Left truncation keeps the end of the prompt (the generation prompt).
     cut = encode_batch(tok, texts, max_length=5)
     assert cut["input_ids"].shape == (2, 5) and (cut["input_ids"][:, -1] == assistant).all()
-    assert encode_ids(tok, texts, 5)[1] == 2
+    full = encode_ids(tok, texts, 10_000)[0]
+    ids5, n_cut = encode_ids(tok, texts, 5)
+    assert n_cut == 2 and all(row == [BOS_ID, *f[-4:]] for row, f in zip(ids5, full))  # BOS kept
 
 
 def _with_post_processor(template: str) -> object:

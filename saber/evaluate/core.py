@@ -193,6 +193,8 @@ def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
     names = {"harmful": "refusal_rate", "harmless": "over_refusal_rate", "xstest": "xstest_refusal_rate"}
     for key, name in names.items():
         r = summary["refusal"].get(key)
+        if r is None and key != "harmful":
+            continue  # an absent optional set has no entry; the refusal rate is always present
         m[name] = r["edited"]["rate"] if r else nan
         m[f"{name}_lo"] = r["edited"]["lo"] if r else nan
         m[f"{name}_hi"] = r["edited"]["hi"] if r else nan

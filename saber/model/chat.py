@@ -90,7 +90,11 @@ def add_special_tokens_for(tokenizer: PreTrainedTokenizerBase, text: str) -> boo
 def encode_ids(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int
 ) -> tuple[list[list[int]], int]:
-    """Token ids of each text, truncated on the left to `max_length`; also the number truncated."""
+    """Token ids of each text, truncated on the left to `max_length`; also the number truncated.
+
+    Truncation keeps the end (the generation prompt, whose last token collect reads) and a
+    leading BOS.
+    """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
     if not texts:
@@ -98,7 +102,16 @@ def encode_ids(
     special = add_special_tokens_for(tokenizer, texts[0])
     ids = tokenizer(list(texts), add_special_tokens=special)["input_ids"]
     truncated = sum(len(row) > max_length for row in ids)
-    return [list(row[-max_length:]) for row in ids], truncated
+    return [_truncate_left(list(row), max_length, tokenizer.bos_token_id) for row in ids], truncated
+
+
+def _truncate_left(row: list[int], max_length: int, bos: int | None) -> list[int]:
+    """Keep the last `max_length` tokens; a leading BOS survives (some models break without it)."""
+    if len(row) <= max_length:
+        return row
+    if bos is not None and row[0] == bos and max_length > 1:
+        return [bos, *row[len(row) - max_length + 1:]]
+    return row[len(row) - max_length:]
 
 
 def pad_left(ids: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> BatchEncoding:
