@@ -125,7 +125,9 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()}-core CPU ({cpu}), torch {torch.__version__} (CPU threads {torch.get_num_threads()})"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (f"{os.cpu_count()}-core CPU ({cpu}), torch {torch.__version__} (CPU threads "
+            f"{torch.get_num_threads()}); load average at the end {load} (shared machine)")
 
 
 def render(result: dict[str, object], command: str) -> str:

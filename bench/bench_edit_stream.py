@@ -275,24 +275,46 @@ def fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
-def phase_main(a: argparse.Namespace) -> None:
-    """Child side: run one phase, sync, and write its inner wall time and own peak RSS."""
+def _warm_imports(phase: str) -> None:
+    """Import what a phase needs before its clock starts (transformers imports lazily, seconds)."""
+    if phase in ("stream", "baseline"):
+        import transformers.models.llama.modeling_llama  # noqa: F401
+
+        import saber.edit  # noqa: F401
+
+
+def peak_rss_self() -> int:
+    """This process image's high-water resident set in bytes (VmHWM: anonymous plus file-backed
+    pages, reset by exec, unlike ru_maxrss which keeps the forking parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (the benchmark needs Linux)")
+
+
+def run_phase_here(a: argparse.Namespace) -> dict[str, Any]:
+    """Run one phase in this process: its work time (to durable output) and extras."""
+    _warm_imports(a.phase)
     t0 = time.perf_counter()
     extra = PHASES[a.phase](a)
     if a.out:
         fsync_tree(Path(a.out))
-    seconds = time.perf_counter() - t0
-    import resource
+    return {"seconds": time.perf_counter() - t0, **extra}
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    Path(a.result).write_text(json.dumps({"seconds": seconds, "self_peak_rss": peak, **extra}))
+
+def phase_main(a: argparse.Namespace) -> None:
+    """Child side: run one phase and write its work time and own peak RSS."""
+    data = run_phase_here(a)
+    data["peak_rss"] = peak_rss_self()
+    Path(a.result).write_text(json.dumps(data))
 
 
 @dataclass
 class PhaseResult:
     seconds: float  # the phase's work, measured inside the child (excludes interpreter start-up)
     wall_seconds: float  # the whole child process
-    peak_rss: int  # bytes, ru_maxrss of the child (wait4)
+    peak_rss: int  # bytes, VmHWM of the phase's process
+    polled_rss: int  # bytes, highest RSS seen by polling every 50 ms (0 when not isolated)
     extra: dict[str, Any]
 
 
@@ -310,8 +332,14 @@ def drop_caches() -> bool:
         return False
 
 
-def run_phase(phase: str, workdir: Path, **args: Any) -> PhaseResult:
-    """Run `phase` in a fresh interpreter; a watchdog kills it if the machine runs short of memory."""
+def run_phase(phase: str, workdir: Path, isolate: bool = True, **args: Any) -> PhaseResult:
+    """Run `phase` in a fresh interpreter (isolate) or in this process (a quick smoke run: the
+    peak RSS is then this process's, not the phase's). A watchdog kills an isolated phase if
+    the machine runs short of memory; it also polls the child's RSS as a cross-check."""
+    if not isolate:
+        t0 = time.perf_counter()
+        data = run_phase_here(argparse.Namespace(phase=phase, **{k: args.get(k) for k in _PHASE_ARGS}))
+        return PhaseResult(data.pop("seconds"), time.perf_counter() - t0, peak_rss_self(), 0, data)
     result = workdir / f".phase-{phase}.json"
     result.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "bench.bench_edit_stream", "--phase", phase, "--result", str(result)]
@@ -322,16 +350,18 @@ def run_phase(phase: str, workdir: Path, **args: Any) -> PhaseResult:
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env)
+    child = psutil.Process(proc.pid)
     killed = False
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
+    polled = 0
+    while proc.poll() is None:
+        try:
+            polled = max(polled, child.memory_info().rss)
+        except psutil.Error:
+            pass
         if not killed and psutil.virtual_memory().available < GUARD_BYTES:
             proc.kill()
             killed = True
         time.sleep(POLL_S)
-    proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t0
     if killed:
         raise PhaseError(f"phase {phase} killed: available memory fell below {GUARD_BYTES / GIB:.0f} GiB")
@@ -339,7 +369,10 @@ def run_phase(phase: str, workdir: Path, **args: Any) -> PhaseResult:
         raise PhaseError(f"phase {phase} failed with exit code {proc.returncode} (command: {' '.join(cmd)})")
     data = json.loads(result.read_text())
     result.unlink()
-    return PhaseResult(data.pop("seconds"), wall, usage.ru_maxrss * 1024, data)
+    return PhaseResult(data.pop("seconds"), wall, data.pop("peak_rss"), polled, data)
+
+
+_PHASE_ARGS = ("src", "out", "plan", "scale", "shard_bytes", "layers")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,9 +424,24 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _ensure_source(workdir: Path, name: str, scale: str, shard_bytes: int, layers: int | None,
-                   drop: bool) -> tuple[Path, PhaseResult | None]:
+@dataclass
+class Runner:
+    """Runs phases: drops the page cache first (when allowed), isolated or in this process."""
+
+    workdir: Path
+    drop: bool
+    isolate: bool
+
+    def __call__(self, phase: str, **args: Any) -> PhaseResult:
+        if self.drop:
+            drop_caches()
+        return run_phase(phase, self.workdir, self.isolate, **args)
+
+
+def _ensure_source(run_: Runner, name: str, scale: str, shard_bytes: int, layers: int | None
+                   ) -> tuple[Path, PhaseResult | None]:
     """The synthetic checkpoint under workdir/name, reused when a kept one has the same spec."""
+    workdir = run_.workdir
     src = workdir / name
     spec = {"scale": scale, "shard_bytes": shard_bytes, "layers": layers, "config": SCALES[scale]}
     marker = workdir / f"{name}.spec.json"
@@ -401,58 +449,54 @@ def _ensure_source(workdir: Path, name: str, scale: str, shard_bytes: int, layer
         return src, None
     shutil.rmtree(src, ignore_errors=True)
     marker.unlink(missing_ok=True)
-    if drop:
-        drop_caches()
-    result = run_phase("write", workdir, out=src, scale=scale, shard_bytes=shard_bytes, layers=layers)
+    result = run_("write", out=src, scale=scale, shard_bytes=shard_bytes, layers=layers)
     marker.write_text(json.dumps(spec))
     return src, result
 
 
-def _stream_and_sample(src: Path, workdir: Path, plan_dir: Path, keys: list[str], drop: bool
+def _stream_and_sample(run_: Runner, src: Path, plan_dir: Path, keys: list[str]
                        ) -> tuple[PhaseResult, dict[str, torch.Tensor]]:
-    out = workdir / "out-stream"
+    out = run_.workdir / "out-stream"
     shutil.rmtree(out, ignore_errors=True)
-    if drop:
-        drop_caches()
-    result = run_phase("stream", workdir, src=src, out=out, plan=plan_dir)
+    result = run_("stream", src=src, out=out, plan=plan_dir)
     sample = read_tensors(out, keys)
     shutil.rmtree(out)
     return result, sample
 
 
-def _baseline_and_sample(src: Path, workdir: Path, plan_dir: Path, keys: list[str], drop: bool
+def _baseline_and_sample(run_: Runner, src: Path, plan_dir: Path, keys: list[str]
                          ) -> tuple[PhaseResult, dict[str, torch.Tensor]]:
-    out = workdir / "out-baseline"
+    out = run_.workdir / "out-baseline"
     shutil.rmtree(out, ignore_errors=True)
-    if drop:
-        drop_caches()
     try:
-        result = run_phase("baseline", workdir, src=src, out=out, plan=plan_dir)
+        result = run_("baseline", src=src, out=out, plan=plan_dir)
         sample = read_tensors(out, keys)
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return result, sample
 
 
-def _copy(src: Path, workdir: Path, drop: bool) -> PhaseResult:
-    out = workdir / "out-copy"
+def _copy(run_: Runner, src: Path) -> PhaseResult:
+    out = run_.workdir / "out-copy"
     shutil.rmtree(out, ignore_errors=True)
-    if drop:
-        drop_caches()
     try:
-        return run_phase("copy", workdir, src=src, out=out)
+        return run_("copy", src=src, out=out)
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
 
 def _phase_row(r: PhaseResult, size: int) -> dict[str, float]:
     return {"seconds": r.seconds, "wall_seconds": r.wall_seconds, "peak_rss_gib": r.peak_rss / GIB,
+            "polled_rss_gib": r.polled_rss / GIB,
             "throughput_gb_s": size / GB / r.seconds}
 
 
 def run(scale: str, workdir: Path, *, keep: bool = False, drop: bool = True, baseline_layers: int | None = None,
-        shard_bytes: int | None = None) -> dict[str, Any]:
-    """Run every phase and return the report (also written to workdir/report.json)."""
+        shard_bytes: int | None = None, isolate: bool = True) -> dict[str, Any]:
+    """Run every phase and return the report (also written to workdir/report.json).
+
+    `isolate=False` runs the phases in this process (a quick smoke run whose peak RSS figures
+    are this process's, not per phase)."""
     from saber.edit import save_plan
 
     workdir = Path(workdir).resolve()
@@ -478,6 +522,7 @@ def run(scale: str, workdir: Path, *, keep: bool = False, drop: bool = True, bas
                          f"{DISK_MARGIN / GB:.0f} GB margin); pass --workdir on a larger disk or --scale small")
 
     dropped = drop and drop_caches()
+    run_ = Runner(workdir, dropped, isolate)
     report: dict[str, Any] = {
         "scale": scale, "config": SCALES[scale], "date": dt.date.today().isoformat(), "machine": machine(),
         "checkpoint_gb": total / GB, "checkpoint_gib": total / GIB, "largest_shard_gib": largest / GIB,
@@ -487,7 +532,7 @@ def run(scale: str, workdir: Path, *, keep: bool = False, drop: bool = True, bas
     hidden = SCALES[scale]["hidden_size"]
     plan_dir = workdir / "plan"
     save_plan(bench_plan(hidden, full_layers), plan_dir)
-    src, written = _ensure_source(workdir, "source", scale, shard_bytes, None, dropped)
+    src, written = _ensure_source(run_, "source", scale, shard_bytes, None)
     if written is not None:
         report["write"] = _phase_row(written, total)
     edited, untouched = sample_keys(full_layers)
@@ -495,9 +540,9 @@ def run(scale: str, workdir: Path, *, keep: bool = False, drop: bool = True, bas
     source_sample = read_tensors(src, keys)
 
     phases: dict[str, dict[str, float]] = {}
-    copy1 = _copy(src, workdir, dropped)
-    stream, stream_sample = _stream_and_sample(src, workdir, plan_dir, keys, dropped)
-    copy2 = _copy(src, workdir, dropped)
+    copy1 = _copy(run_, src)
+    stream, stream_sample = _stream_and_sample(run_, src, plan_dir, keys)
+    copy2 = _copy(run_, src)
     phases["copy (before stream)"] = _phase_row(copy1, total)
     phases["stream export_edited"] = _phase_row(stream, total)
     phases["copy (after stream)"] = _phase_row(copy2, total)
@@ -509,12 +554,12 @@ def run(scale: str, workdir: Path, *, keep: bool = False, drop: bool = True, bas
             (workdir / "source.spec.json").unlink(missing_ok=True)
         r_plan = workdir / "plan-reduced"
         save_plan(bench_plan(hidden, baseline_layers), r_plan)
-        r_src, _ = _ensure_source(workdir, "source-reduced", scale, shard_bytes, baseline_layers, dropped)
+        r_src, _ = _ensure_source(run_, "source-reduced", scale, shard_bytes, baseline_layers)
         edited, untouched = sample_keys(baseline_layers)
         keys = edited + untouched
         source_sample = read_tensors(r_src, keys)
-        cmp_stream, stream_sample = _stream_and_sample(r_src, workdir, r_plan, keys, dropped)
-        baseline, base_sample = _baseline_and_sample(r_src, workdir, r_plan, keys, dropped)
+        cmp_stream, stream_sample = _stream_and_sample(run_, r_src, r_plan, keys)
+        baseline, base_sample = _baseline_and_sample(run_, r_src, r_plan, keys)
         r_total = _dir_bytes(r_src)
         phases[f"stream export_edited ({baseline_layers} layers)"] = _phase_row(cmp_stream, r_total)
         phases[f"baseline load + edit + save_pretrained ({baseline_layers} layers)"] = _phase_row(baseline, r_total)
@@ -523,7 +568,7 @@ def run(scale: str, workdir: Path, *, keep: bool = False, drop: bool = True, bas
             (workdir / "source-reduced.spec.json").unlink(missing_ok=True)
     else:
         cmp_stream = stream
-        baseline, base_sample = _baseline_and_sample(src, workdir, plan_dir, keys, dropped)
+        baseline, base_sample = _baseline_and_sample(run_, src, plan_dir, keys)
         phases["baseline load + edit + save_pretrained"] = _phase_row(baseline, total)
     if not keep:
         shutil.rmtree(workdir / "source", ignore_errors=True)

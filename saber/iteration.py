@@ -63,11 +63,12 @@ def heldout_refusal(pipeline: Pipeline, iteration: int) -> float:
 
     def build(out: Path) -> dict[str, Any]:
         from saber.evaluate import refusal_rate
+        from stages.evaluate import run_settings
 
         prompts = pd.read_parquet(collect0.path / "prompts.parquet")
         texts = prompts[(prompts.kind == "harmful") & (prompts.split == "heldout")].text.tolist()
         model, tokenizer = pipeline.load_model(plans)
-        rate = float(refusal_rate(model, tokenizer, texts, cfg.evaluate))
+        rate = float(refusal_rate(model, tokenizer, texts, run_settings(cfg)))
         (out / "check.json").write_text(json.dumps({"heldout_refusal": rate, "n": len(texts)}))
         return {"heldout_refusal": rate}
 
