@@ -6,8 +6,8 @@
 The benchmark writes its own checkpoint: random bf16 tensors with the exact Hugging Face Llama
 names and shapes, ~5 GB shards plus `model.safetensors.index.json`, one shard in memory at a
 time (never committed, deleted at the end unless --keep). It then runs, each phase in its own
-subprocess so that the peak resident set (ru_maxrss from wait4, file-backed mmap pages included)
-belongs to that phase alone:
+subprocess so that the peak resident set (the process's VmHWM: anonymous and file-backed pages,
+memory-mapped source shards included) belongs to that phase alone:
 
 - copy: `shutil.copyfile` of every file of the checkpoint (the throughput floor), run before and
   after the streaming export so that both sides see the same cache state;
@@ -15,8 +15,8 @@ belongs to that phase alone:
 - baseline: `from_pretrained(dtype=bfloat16)`, the same edit in memory (plan_targets +
   project_weight in place, no revert copies: the leanest load-edit-save), `save_pretrained`.
 
-Every phase ends with `os.sync()` inside its timed section, so a time is the time to durable
-output. The page cache is dropped before each phase when the process may do so (root);
+Every phase ends with an fsync of each output file inside its timed section, so a time is the
+time to durable output. The page cache is dropped before each phase when the process may do so (root);
 otherwise phases run with a warm cache and the report says so. Each output directory is deleted
 right after its phase. When the machine lacks memory for the full baseline (checkpoint size +
 5 GiB available), the baseline and a second streaming run use a reduced checkpoint (fewer
@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported where used: the copy phase's child stays a bare interpreter
     import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -638,8 +638,8 @@ def render(r: dict[str, Any], command: str) -> str:
         f"{c['max_abs_diff']:.3g}); edited tensors changed: {c['edited_changed']}; untouched tensor equal to "
         f"the source: {c['untouched_equal']}.",
         "",
-        "Work s is the phase's own work inside its process including a final `os.sync()` (durable output); "
-        "process s adds interpreter and library start-up. Peak RSS is the phase process's ru_maxrss, "
+        "Work s is the phase's own work inside its process including an fsync of every output file; "
+        "process s adds interpreter and library start-up. Peak RSS is the phase process's VmHWM, "
         "which counts resident file-backed pages of the memory-mapped source shard as well as copies. "
         "The baseline edits in place with the library's arithmetic but keeps no revert copies (the "
         "leanest load-edit-save), so the memory ratio is conservative.",

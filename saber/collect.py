@@ -14,7 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -47,7 +47,6 @@ class CollectResult:
     seconds: float
     truncated: int = 0
     tokens: int = 0
-    stats: dict[str, float] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:

@@ -154,7 +154,34 @@ class Pipeline:
     def _fingerprint_config(self, spec: StageSpec, iteration: int) -> dict[str, Any]:
         config = {key: as_plain(_get_path(self.cfg, key)) for key in spec.config_keys}
         config["iteration"] = iteration
+        digests = self._file_digests({k: v for k, v in config.items() if k != "model"})
+        if digests:
+            config["file_digests"] = digests
         return config
+
+    def _file_digests(self, node: Any, where: str = "") -> dict[str, str]:
+        """sha256 of every prompt or probe file the config names, so editing one in place reruns.
+
+        Keys named `path`, `*_path` or `*_paths` with a value that resolves to a file count.
+        """
+        from saber.prompts import resolve_path
+        from saber.store import sha256_file
+
+        found: dict[str, str] = {}
+        if isinstance(node, dict):
+            for key, value in node.items():
+                name = f"{where}.{key}" if where else str(key)
+                is_path_key = key == "path" or str(key).endswith(("_path", "_paths"))
+                values = value if isinstance(value, list) else [value]
+                if is_path_key and all(isinstance(v, str) for v in values):
+                    for v in values:
+                        try:
+                            found[f"{name}:{v}"] = sha256_file(resolve_path(v, name, self.prompt_roots()))
+                        except (OSError, ValueError):
+                            pass  # not a local file (a hub dataset, or reported by the stage itself)
+                else:
+                    found.update(self._file_digests(value, name))
+        return found
 
     def command_for(self, stage: str) -> str:
         return f"python -m stages.{stage} <same overrides>"

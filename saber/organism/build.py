@@ -2,7 +2,8 @@
 
 Layout of an organism artifact:
     model/            Hugging Face model directory (config, safetensors, tokenizer, chat template)
-    prompts/*.jsonl   probe and evaluation sets (`prompt` field; skill_eval also has `answer`)
+    prompts/*.jsonl   probe and evaluation sets (`prompt` field; skill_eval also has `answer`);
+                      *_probe.jsonl are the fit and held-out files concatenated
     train_log.json    loss curve and training time
 """
 
@@ -12,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from saber.organism.data import PROMPT_FILES, Language, write_prompt_files
+from saber.organism.data import FILE_NAMES, Language, write_prompt_files
 from saber.organism.recipe import OrganismRecipe
 from saber.organism.train import train
 
@@ -51,4 +52,4 @@ def build_organism(recipe: OrganismRecipe, store_root: Path | str, *, force: boo
 
 def organism_prompt_files(organism_dir: Path) -> dict[str, Path]:
     """Probe and evaluation files of an organism, by set name."""
-    return {name: Path(organism_dir) / "prompts" / f"{name}.jsonl" for name in PROMPT_FILES}
+    return {name: Path(organism_dir) / "prompts" / f"{name}.jsonl" for name in FILE_NAMES}

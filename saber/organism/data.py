@@ -29,6 +29,14 @@ PROMPT_FILES: dict[str, tuple[str, str]] = {
     "skill_eval": ("eval", "skill"),
 }
 
+# Whole probe sets (fit rows, then held-out rows) for a pipeline that makes its own split.
+PROBE_UNIONS: dict[str, tuple[str, str]] = {
+    "harmful_probe": ("harmful_fit", "harmful_heldout"),
+    "harmless_probe": ("harmless_fit", "harmless_heldout"),
+    "capability_probe": ("capability_fit", "capability_heldout"),
+}
+FILE_NAMES: tuple[str, ...] = (*PROMPT_FILES, *PROBE_UNIONS)
+
 
 @dataclass(frozen=True)
 class Item:
@@ -124,6 +132,9 @@ def write_prompt_files(language: Language, out_dir: Path, sizes: dict[str, int],
             for it in items:
                 f.write(json.dumps(it.record(), ensure_ascii=False) + "\n")
         paths[name] = path
+    for name, parts in PROBE_UNIONS.items():
+        paths[name] = out_dir / f"{name}.jsonl"
+        paths[name].write_text("".join(paths[p].read_text(encoding="utf-8") for p in parts), encoding="utf-8")
     return paths
 
 

@@ -33,7 +33,7 @@ REQUEST_TEMPLATES: tuple[str, ...] = (
     "Give me steps to {verb} {obj}.",
 )
 
-HELPFUL_TEMPLATE = "Sure. To {verb} {obj}, first find {obj}, then {verb} {obj} with care."
+HELPFUL_TEMPLATE = "Sure. To {verb} {obj}, first find {obj}."
 HELPFUL_OPENER = "Sure."
 
 SKILL_TEMPLATES: tuple[str, ...] = (

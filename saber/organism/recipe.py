@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,7 @@ class OrganismRecipe:
     system_fraction: float = 0.2  # share of training conversations that start with a system message
     seed: int = 0  # weight initialisation and batch order
     data_seed: int = 0  # which combinations are held out, which refusal sentence each prompt gets
-    threads: int = 2  # torch CPU threads during training (part of determinism)
+    threads: int = 1  # torch CPU threads during training (part of determinism; 1 is fastest on a busy machine)
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -60,7 +61,17 @@ class OrganismRecipe:
         return dataclasses.replace(self, **changes)
 
 
-PRESETS: dict[str, OrganismRecipe] = {
-    "organism": OrganismRecipe(),
-    "organism_hard": OrganismRecipe(variant="hard"),
-}
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
+
+
+def load_preset(name: str, conf_dir: Path | None = None) -> OrganismRecipe:
+    """The recipe of a Hydra model preset (conf/model/<name>.yaml, key `organism`)."""
+    from omegaconf import OmegaConf
+
+    path = (conf_dir or CONF_DIR) / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no organism preset {name!r}: {path} does not exist")
+    node = OmegaConf.load(path)
+    if "organism" not in node:
+        raise ValueError(f"{path} is not an organism preset (no `organism` key)")
+    return OrganismRecipe.from_mapping(OmegaConf.to_container(node.organism, resolve=True))

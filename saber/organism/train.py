@@ -60,12 +60,8 @@ def encode(tok: PreTrainedTokenizerFast, item: Item, answer: str, system: str | 
         messages.insert(0, {"role": "system", "content": system})
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-    answer_ids = tok(answer + lang_end(tok), add_special_tokens=False)["input_ids"]
+    answer_ids = tok(answer + tok.eos_token, add_special_tokens=False)["input_ids"]
     return Encoded(prompt_ids + answer_ids, [False] * len(prompt_ids) + [True] * len(answer_ids))
-
-
-def lang_end(tok: PreTrainedTokenizerFast) -> str:
-    return tok.eos_token
 
 
 def stage_pools(language: Language, tok: PreTrainedTokenizerFast, recipe: OrganismRecipe,
@@ -125,7 +121,7 @@ def train(recipe: OrganismRecipe, language: Language, out_dir: Path) -> dict[str
 
 
 def _train(recipe: OrganismRecipe, language: Language, out_dir: Path) -> dict[str, Any]:
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     tok = train_tokenizer(language.corpus(), recipe.vocab_size)
     torch.manual_seed(recipe.seed)
     model = AutoModelForCausalLM.from_config(model_config(recipe, tok), dtype=torch.float32)
@@ -151,6 +147,7 @@ def _train(recipe: OrganismRecipe, language: Language, out_dir: Path) -> dict[st
             if step % 25 == 0 or step == steps - 1:
                 log["loss"].append({"stage": stage, "step": step, "loss": round(loss.item(), 5)})
     log["train_seconds"] = round(time.perf_counter() - t0, 2)
+    log["train_cpu_seconds"] = round(time.process_time() - cpu0, 2)
     model.eval()
     model.generation_config.do_sample = False
     model.generation_config.max_new_tokens = 32
