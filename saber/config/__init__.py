@@ -27,7 +27,7 @@ from saber.config.schema import (
 
 __all__ = [
     "CollectConfig", "ConfigError", "DataConfig", "EditConfig", "EntangleConfig", "EvaluateConfig",
-    "ExtractConfig", "IterateConfig", "KernelConfig", "ModelConfig", "OrganismConfig",
+    "ExtractConfig", "IterateConfig", "KernelConfig", "ModelConfig", "OrganismConfig", 
     "PromptSourceConfig", "RankConfig", "SaberConfig", "SearchConfig", "register_configs", "validate", "as_plain",
 ]
 

@@ -7,12 +7,15 @@ wrong type fails at start-up with the key's name. Range checks live in `__post_i
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
 from saber.edit.config import DEFAULT_ROLES, KNOWN_ROLES
+from saber.organism.recipe import OrganismRecipe
 
 
 class ConfigError(ValueError):
@@ -37,28 +40,18 @@ def _positive(key: str, value: float) -> None:
     _check(value > 0, key, value, "a positive number")
 
 
-@dataclass
-class OrganismConfig:
-    arch: str = "llama"
-    variant: str = "default"
-    n_layers: int = 4
-    hidden: int = 256
-    heads: int = 4
-    intermediate: int = 512
-    steps_stage1: int = 250
-    steps_stage2: int = 150
-    batch: int = 32
-    seq_len: int = 64
-    lr: float = 3e-3
-    seed: int = 0
-    threads: int = 2
-    extra: dict[str, Any] = field(default_factory=dict)
+def _mutable_mirror(frozen: type, name: str) -> type:
+    """A mutable dataclass with the same fields, types and defaults (OmegaConf needs mutability).
 
-    def __post_init__(self) -> None:
-        _one_of("model.organism.arch", self.arch, ("llama", "gemma3"))
-        for key in ("n_layers", "hidden", "heads", "batch", "seq_len", "threads"):
-            _positive(f"model.organism.{key}", getattr(self, key))
-        _positive("model.organism.lr", self.lr)
+    The organism's recipe stays the single source of truth for its knobs; the recipe's own
+    __post_init__ checks ranges when the runner builds it.
+    """
+    hints = typing.get_type_hints(frozen)
+    return dataclasses.make_dataclass(
+        name, [(f.name, hints[f.name], field(default=f.default)) for f in dataclasses.fields(frozen)])
+
+
+OrganismConfig = _mutable_mirror(OrganismRecipe, "OrganismConfig")
 
 
 @dataclass
@@ -70,7 +63,7 @@ class ModelConfig:
     device_map: Optional[str] = None
     trust_remote_code: bool = False
     system_prompt: Optional[str] = None
-    organism: OrganismConfig = field(default_factory=OrganismConfig)
+    organism: OrganismConfig = field(default_factory=OrganismConfig)  # type: ignore[valid-type]
 
     def __post_init__(self) -> None:
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16", "auto"))
