@@ -79,3 +79,14 @@ def test_tiny_run_reports_ratios_and_bit_exact_sample(tmp_path: Path) -> None:
     text = doc.read_text()
     assert text.startswith("# Benchmarks") and "keep me" in text
     assert text.count("## Streaming edit at 8B scale") == 1 and "bit-identical" in text
+
+
+def test_reduced_baseline_compares_at_the_reduced_depth(tmp_path: Path) -> None:
+    """When the whole model does not fit, stream and baseline are compared on a shallower copy."""
+    report = run("tiny", tmp_path / "work", drop=False, isolate=False, baseline_layers=2)
+    assert report["baseline_layers"] == 2
+    assert "stream export_edited (2 layers)" in report["phases"]
+    assert "baseline load + edit + save_pretrained (2 layers)" in report["phases"]
+    assert report["correctness"]["bit_exact"]
+    assert "model.layers.1.self_attn.o_proj.weight" in report["correctness"]["keys"]  # last of 2 layers
+    assert "both at 2 layers" in render(report, "cmd")
