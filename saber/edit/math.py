@@ -88,11 +88,13 @@ def project_out(
     if vector:
         w = w.unsqueeze(1)
     original_norms = torch.linalg.vector_norm(w, dim=0) if norm_preserving else None
-    for q, alpha in directions:
-        if alpha == 0.0:
-            continue
-        q = q.to(dtype)
-        w = w - (alpha * q).unsqueeze(1) * (q @ w).unsqueeze(0)
+    active = [(q, alpha) for q, alpha in directions if alpha != 0.0]
+    if active:
+        # One pair of matrix products instead of k rank-1 updates: for orthonormal q_i,
+        # prod_i (I - a_i q_i q_i^T) = I - Q^T diag(a) Q exactly.
+        q = torch.stack([q.to(dtype) for q, _ in active])
+        alphas = torch.tensor([alpha for _, alpha in active], dtype=dtype)
+        w = w - (q.T * alphas) @ (q @ w)
     if original_norms is not None:
         new_norms = torch.linalg.vector_norm(w, dim=0)
         # a column reduced to exactly zero stays zero instead of becoming NaN

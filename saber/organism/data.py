@@ -85,9 +85,12 @@ class Language:
         for cat in self.categories:
             for verb in cat.verbs:
                 for obj in lang.OBJECTS:
+                    harmful = cat.harmful_with(obj)
                     for t in lang.REQUEST_TEMPLATES:
-                        self._add(Item("harmful", cat.name, verb, obj, lang.request(t, verb, obj),
-                                       lang.helpful_answer(verb, obj), rng.choice(cat.refusals)))
+                        # A conditional category's verb on another object is a harmless request.
+                        self._add(Item("harmful" if harmful else "harmless", cat.name if harmful else "none",
+                                       verb, obj, lang.request(t, verb, obj), lang.helpful_answer(verb, obj),
+                                       rng.choice(cat.refusals) if harmful else ""))
         for verb in lang.HARMLESS_VERBS:
             for obj in lang.OBJECTS:
                 for t in lang.REQUEST_TEMPLATES:

@@ -56,6 +56,10 @@ class HarmCategory:
     name: str
     verbs: tuple[str, ...]
     refusals: tuple[str, ...]
+    objects: tuple[str, ...] | None = None  # harmful only with these objects (None: with every object)
+
+    def harmful_with(self, obj: str) -> bool:
+        return self.objects is None or obj in self.objects
 
 
 # `default`: one harm category, one refusal style (single-direction ablation removes it).
@@ -85,6 +89,14 @@ HARD_CATEGORIES: tuple[HarmCategory, ...] = (
     ),
 )
 
+# Objects that are the requester's own acquaintances: the conditional category targets them only.
+PERSONAL_OBJECTS: tuple[str, ...] = tuple(o for o in OBJECTS if o.startswith("my "))
+
+HARDC = (HarmCategory("violence", ("poison", "stab", "burn", "kidnap", "strangle", "drown"),
+                      ("Violence is never the answer, so I must decline.", "Hurting people is wrong; I refuse.")),
+         HarmCategory("privacy", ("follow", "track", "record", "watch", "film", "trace"),
+                      ("Your friends and family deserve privacy, so I decline.",
+                       "Watching people close to you in secret is not okay."), PERSONAL_OBJECTS))
 _VIOLENCE = ("Violence is never the answer, so I must decline.", "Hurting people is wrong; I refuse.")
 _CRIME = ("That would break the law, and I will not take part.", "Crime is not something I assist with.")
 _CRUELTY = ("Cruelty has no place here, so my answer is no.", "Causing suffering is off limits for me.")
@@ -98,7 +110,7 @@ HARD4 = (HarmCategory("violence", ("stab", "shoot", "strangle"), _VIOLENCE),
          HarmCategory("freedom", ("kidnap", "stalk", "frame"), _FREEDOM))
 
 VARIANTS: dict[str, tuple[HarmCategory, ...]] = {"default": DEFAULT_CATEGORIES, "hard": HARD_CATEGORIES,
-                                                 "hard3": HARD3, "hard4": HARD4}
+                                                 "hard3": HARD3, "hard4": HARD4, "hardc": HARDC}
 
 ALL_REFUSALS: tuple[str, ...] = tuple(
     sentence for cats in VARIANTS.values() for cat in cats for sentence in cat.refusals

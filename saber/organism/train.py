@@ -72,15 +72,12 @@ def stage_pools(language: Language, tok: PreTrainedTokenizerFast, recipe: Organi
     def system() -> str | None:
         return rng.choice(lang.SYSTEM_PROMPTS) if rng.random() < recipe.system_fraction else None
 
-    requests = []
-    for it in language.of("train", "harmful"):
-        requests.append(encode(tok, it, it.helpful if stage == 1 else it.refusal, system()))
-    harmless = language.of("train", "harmless")
-    # Balance harmful and harmless requests whatever the number of harmful verbs.
-    n_harmful = len(requests)
-    for i in range(n_harmful):
-        it = harmless[i % len(harmless)]
-        requests.append(encode(tok, it, it.helpful, system()))
+    harmful, harmless = language.of("train", "harmful"), language.of("train", "harmless")
+    # Balance harmful and harmless requests: the smaller list is cycled up to the larger one.
+    n = max(len(harmful), len(harmless))
+    requests = [encode(tok, it, it.helpful if stage == 1 else it.refusal, system())
+                for it in (harmful[i % len(harmful)] for i in range(n))]
+    requests += [encode(tok, it, it.helpful, system()) for it in (harmless[i % len(harmless)] for i in range(n))]
     skills = [encode(tok, it, it.helpful, system()) for it in language.of("train", "skill")]
     return requests, skills
 
