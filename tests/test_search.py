@@ -1,0 +1,60 @@
+"""Search mode: a 16-trial multi-objective study that survives being killed halfway."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from test_sweeps import SMALL
+from tiny_models import build_tiny
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def complete_trials(journal: Path, study: str) -> list[optuna.trial.FrozenTrial]:
+    if not journal.exists():
+        return []
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    try:
+        trials = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+    except KeyError:
+        return []
+    return [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def test_search_resumes_after_kill(tmp_path: Path) -> None:
+    model = build_tiny("llama", tmp_path / "tiny-llama")
+    journal = tmp_path / "study.journal"
+    cmd = [sys.executable, "-m", "saber.search", f"model.path={model}", "model.name=tiny", "data=default",
+           "evaluate=default", f"store_root={tmp_path / 'store'}", "search.n_trials=16",
+           f"search.storage={journal}", "search.study=resume", *SMALL]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    first = subprocess.Popen([*cmd, f"hydra.run.dir={tmp_path / 'run1'}"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and len(complete_trials(journal, "resume")) < 8:
+        assert first.poll() is None, "search ended before it could be interrupted"
+        time.sleep(0.5)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    before = {t.number: t.params for t in complete_trials(journal, "resume")}
+    assert 8 <= len(before) < 16
+
+    second = subprocess.run([*cmd, f"hydra.run.dir={tmp_path / 'run2'}"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert second.returncode == 0, second.stdout[-2000:] + second.stderr[-3000:]
+    after = complete_trials(journal, "resume")
+    assert len(after) == 16
+    # finished trials were kept, not repeated: same numbers, same parameters
+    assert {t.number: t.params for t in after if t.number in before} == before
+    assert all(len(t.values) == 2 for t in after)  # refusal rate and teacher-forced KL
+    assert (tmp_path / "run2" / "pareto.json").exists()
