@@ -33,6 +33,8 @@ from saber.model.hooks import capture_last_positions
 from saber.model.loading import load_model
 from saber.prompts import load_prompts
 
+from bench.report import update_section
+
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "BENCHMARKS.md"
 TITLE = "Activation capture overhead"
@@ -163,20 +165,6 @@ def render(result: dict[str, object], command: str) -> str:
         "for its rendering and tokenisation. On a shared machine wall times of single runs vary by "
         "30 % or more; CPU time (all threads of this process) is less sensitive to other load.",
     ])
-
-
-def update_section(path: Path, title: str, body: str) -> None:
-    """Replace (or append) the `## title` section of a Markdown file, leaving the others alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    head = f"## {title}"
-    if head in lines:
-        start = lines.index(head)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = lines[:start] + [head, "", body, ""] + lines[end:]
-    else:
-        new = lines + ["", head, "", body]
-    path.write_text("\n".join(new).rstrip("\n") + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

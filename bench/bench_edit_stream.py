@@ -42,6 +42,8 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
+from bench.report import update_section
+
 if TYPE_CHECKING:  # torch is imported where used: the copy phase's child stays a bare interpreter
     import torch
 
@@ -654,20 +656,6 @@ def render(r: dict[str, Any], command: str) -> str:
         lines += ["", f"Writing the synthetic checkpoint took {r['write']['seconds']:.0f} s "
                      f"(peak RSS {r['write']['peak_rss_gib']:.2f} GiB, one shard in memory)."]
     return "\n".join(lines)
-
-
-def update_section(path: Path, title: str, body: str) -> None:
-    """Replace (or append) the `## title` section of a Markdown file, leaving the others alone."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    head = f"## {title}"
-    if head in lines:
-        start = lines.index(head)
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = lines[:start] + [head, "", body, ""] + lines[end:]
-    else:
-        new = lines + ["", head, "", body]
-    path.write_text("\n".join(new).rstrip("\n") + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,19 @@
+"""Shared helper of the benchmarks: update one section of docs/BENCHMARKS.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def update_section(path: Path, title: str, body: str) -> None:
+    """Replace (or append) the `## title` section of a Markdown file, leaving the others alone."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = text.splitlines()
+    head = f"## {title}"
+    if head in lines:
+        start = lines.index(head)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        new = lines[:start] + [head, "", body, ""] + lines[end:]
+    else:
+        new = lines + ["", head, "", body]
+    path.write_text("\n".join(new).rstrip("\n") + "\n")
