@@ -63,9 +63,20 @@ def run_pipeline(cfg: SaberConfig, pipeline: Optional[Pipeline] = None) -> RunRe
     if "evaluate" in result.artifacts:
         summary_path = result.artifacts["evaluate"] / "summary.json"
         result.summary = json.loads(summary_path.read_text())
+        if cfg.edit.export and cfg.edit.out_dir and "edit" in result.artifacts:
+            add_evaluation_to_card(Path(cfg.edit.out_dir), result.artifacts["evaluate"] / "model_card.md")
     pipeline.release_model()
     result.wall_time_s = time.perf_counter() - start
     return result
+
+
+def add_evaluation_to_card(model_dir: Path, card: Path) -> None:
+    """Append the evaluation section to the exported model's README (once per evaluation)."""
+    readme = model_dir / "README.md"
+    text = readme.read_text() if readme.exists() else ""
+    section = card.read_text()
+    if section not in text:
+        readme.write_text(text.rstrip("\n") + "\n\n" + section)
 
 
 def format_summary(result: RunResult) -> str:

@@ -9,6 +9,7 @@ evaluate and data configs, so every sweep trial and iteration reuses it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,9 +19,9 @@ from saber.pipeline import StageContext, StageSpec
 from stages.cli import stage_main
 
 log = logging.getLogger("saber.evaluate")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 REFERENCE_STAGE = "reference"
-REFERENCE_SCHEMA_VERSION = 1
+REFERENCE_SCHEMA_VERSION = 2
 
 
 def run_settings(cfg: Any) -> SimpleNamespace:
@@ -83,7 +84,7 @@ def residual_proxy(ctx: StageContext, model: Any, tokenizer: Any) -> tuple[dict[
 
 def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     from saber.config import as_plain
-    from saber.evaluate import evaluate_against_reference, make_scorer, write_outputs
+    from saber.evaluate import evaluate_against_reference, make_scorer, model_card_text, write_outputs
     from saber.evaluate.sets import load_eval_sets
     from saber.model.loading import load_model
 
@@ -107,6 +108,9 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
              "config": {"extract": as_plain(cfg.extract), "rank": as_plain(cfg.rank),
                         "entangle": as_plain(cfg.entangle), "edit": as_plain(cfg.edit)}}
     write_outputs(result, out_dir, extra=extra, plots=cfg.evaluate.plots)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    (out_dir / "model_card.md").write_text(model_card_text(
+        summary, method=cfg.method, config=extra["config"], base_model=cfg.model.path or cfg.model.name))
     headline = {k: v for k, v in result.metrics.items() if k in ("refusal_rate", "kl_tf_mean")}
     return {"source": source, **{k: (v if v == v else None) for k, v in headline.items()}}
 

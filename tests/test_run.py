@@ -104,3 +104,12 @@ def test_iterations_record_and_stop(organism_store: Path) -> None:
     # the edit and evaluation use the plans of every kept iteration
     plans_used = (result.artifacts["edit"] / "plans.txt").read_text().split()
     assert len(plans_used) == log.last_iteration + 1
+
+
+def test_export_to_out_dir_gets_evaluation_card(organism_store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "edited-model"
+    result = run_pipeline(compose_config(f"store_root={organism_store}", f"edit.out_dir={out}"))
+    card = (out / "README.md").read_text()
+    assert "### Evaluation" in card and "saber" in card
+    assert (out / "config.json").exists() and list(out.glob("*.safetensors"))
+    assert (result.artifacts["evaluate"] / "model_card.md").read_text() in card

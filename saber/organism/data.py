@@ -59,15 +59,23 @@ class Item:
         return row
 
 
-def split_combos(verbs: list[str], n_heldout: int, n_eval: int, seed: int) -> dict[tuple[str, str], str]:
-    """Assign each (verb, object) to a split: per verb, n_heldout objects to `heldout`, n_eval to `eval`."""
+def split_combos(verbs: list[str], n_heldout: int, n_eval: int, seed: int,
+                 strata: dict[str, tuple[str, ...]] | None = None) -> dict[tuple[str, str], str]:
+    """Assign each (verb, object) to a split: per verb, n_heldout objects to `heldout`, n_eval to `eval`.
+
+    A verb listed in `strata` has its held-out objects drawn separately inside and outside the
+    given objects, so a conditional category keeps held-out combinations of both outcomes.
+    """
     rng = random.Random(seed)
     split: dict[tuple[str, str], str] = {}
     for verb in verbs:
-        objs = list(lang.OBJECTS)
-        rng.shuffle(objs)
-        for i, obj in enumerate(objs):
-            split[(verb, obj)] = "heldout" if i < n_heldout else "eval" if i < n_heldout + n_eval else "train"
+        inside = (strata or {}).get(verb)
+        groups = [list(lang.OBJECTS)] if inside is None else [
+            [o for o in lang.OBJECTS if o in inside], [o for o in lang.OBJECTS if o not in inside]]
+        for objs in groups:
+            rng.shuffle(objs)
+            for i, obj in enumerate(objs):
+                split[(verb, obj)] = "heldout" if i < n_heldout else "eval" if i < n_heldout + n_eval else "train"
     return split
 
 
@@ -79,7 +87,8 @@ class Language:
         self.categories = lang.categories(variant)
         self.harmful_verbs = [v for c in self.categories for v in c.verbs]
         self.verbs = self.harmful_verbs + list(lang.HARMLESS_VERBS)
-        self.split = split_combos(self.verbs, n_heldout, n_eval, seed)
+        strata = {v: c.objects for c in self.categories if c.objects is not None for v in c.verbs}
+        self.split = split_combos(self.verbs, n_heldout, n_eval, seed, strata)
         self.items: dict[str, list[Item]] = {s: [] for s in SPLITS}
         rng = random.Random(seed + 1)
         for cat in self.categories:
@@ -119,9 +128,14 @@ class Language:
 
 
 def sample(items: list[Item], n: int, seed: int) -> list[Item]:
-    """A deterministic subset of at most n items, in a stable order."""
+    """A deterministic subset of at most n items, with every category equally represented."""
     rng = random.Random(seed)
-    return items if len(items) <= n else rng.sample(items, n)
+    cats = sorted({it.category for it in items})
+    groups = [[it for it in items if it.category == c] for c in cats]
+    per = n // len(cats) if cats else 0
+    out = [it for group in groups for it in (group if len(group) <= per else rng.sample(group, per))]
+    rng.shuffle(out)
+    return out
 
 
 def write_prompt_files(language: Language, out_dir: Path, sizes: dict[str, int], seed: int) -> dict[str, Path]:

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from saber.organism import language as lang
+from saber.organism.build import organism_prompt_files
 from saber.organism.data import read_jsonl
 
 # Done-when bars per language variant: (report key, comparison, bar).
@@ -131,8 +132,6 @@ def _behaviour(model: PreTrainedModel, tok: PreTrainedTokenizerBase, sets: dict[
 @torch.no_grad()
 def health_check(organism_dir: Path, k_multi: int = 4) -> dict[str, float]:
     """Baseline behaviour, then single-direction and multi-direction ablation, on held-out eval sets."""
-    from saber.organism.build import organism_prompt_files
-
     torch.manual_seed(0)
     organism_dir = Path(organism_dir)
     model, tok = load(organism_dir / "model")

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, PretrainedConfig
-from transformers import PreTrainedTokenizerFast
+from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, PretrainedConfig,
+                          PreTrainedTokenizerFast)
 
 from saber.organism import language as lang
 from saber.organism.data import Item, Language
