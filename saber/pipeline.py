@@ -195,16 +195,7 @@ class Pipeline:
         if (stage, iteration) in self._resolved:
             return self._resolved[(stage, iteration)]
         spec = _stage_registry()[stage]
-        upstream: dict[str, Artifact] = {}
-        for name in spec.upstream:
-            upstream[name] = self._upstream(name, iteration, build_missing)
-        plans: list[Artifact] = []
-        if spec.reads_plans:
-            last = iteration if stage not in ("collect",) else iteration - 1
-            plans = [self._upstream("entangle", j, build_missing) for j in range(last + 1)]
-        fingerprints = {name: art.fingerprint for name, art in upstream.items()}
-        for j, plan in enumerate(plans):
-            fingerprints[f"plan{j}"] = plan.fingerprint
+        upstream, plans, fingerprints = self._inputs(spec, iteration, build_missing)
         ctx = StageContext(self.cfg, self, iteration, upstream, plans)
         artifact = self.store.get_or_build(
             stage, spec.schema_version, self._fingerprint_config(spec, iteration), fingerprints,
@@ -214,28 +205,37 @@ class Pipeline:
         self._resolved[(stage, iteration)] = artifact
         return artifact
 
+    def _inputs(self, spec: StageSpec, iteration: int,
+                build_missing: bool) -> tuple[dict[str, Artifact], list[Artifact], dict[str, str]]:
+        """Upstream artifacts, the plans of earlier iterations, and their fingerprints."""
+        upstream = {name: self._upstream(name, iteration, build_missing) for name in spec.upstream}
+        plans: list[Artifact] = []
+        if spec.reads_plans:
+            # collect[i] probes the model edited by plans 0..i-1; edit and evaluate use plans 0..i
+            last = iteration - 1 if spec.name == "collect" else iteration
+            plans = [self._upstream("entangle", j, build_missing) for j in range(last + 1)]
+        fingerprints = {name: art.fingerprint for name, art in upstream.items()}
+        fingerprints.update({f"plan{j}": plan.fingerprint for j, plan in enumerate(plans)})
+        return upstream, plans, fingerprints
+
     def _upstream(self, name: str, iteration: int, build_missing: bool) -> Artifact:
         if build_missing:
             return self.ensure(name, iteration)
-        return self._load_only(_stage_registry()[name], iteration)
+        return self._load_only(name, iteration)
 
-    def _load_only(self, spec: StageSpec, iteration: int) -> Artifact:
+    def _load_only(self, name: str, iteration: int) -> Artifact:
         """Find an upstream artifact without building it (used when a stage runs alone)."""
-        upstream = {n: self._load_only(_stage_registry()[n], iteration) for n in spec.upstream}
-        fingerprints = {n: a.fingerprint for n, a in upstream.items()}
-        if spec.reads_plans:
-            last = iteration if spec.name != "collect" else iteration - 1
-            for j in range(last + 1):
-                fingerprints[f"plan{j}"] = self._load_only(_stage_registry()["entangle"], j).fingerprint
         from saber.store import fingerprint
 
-        fp = fingerprint(spec.name, spec.schema_version, self._fingerprint_config(spec, iteration),
+        spec = _stage_registry()[name]
+        _, _, fingerprints = self._inputs(spec, iteration, build_missing=False)
+        fp = fingerprint(name, spec.schema_version, self._fingerprint_config(spec, iteration),
                          fingerprints, self.model_identity())
-        art = self.store.load(spec.name, fp, schema_version=spec.schema_version)
+        art = self.store.load(name, fp, schema_version=spec.schema_version)
         if art is None:
             raise MissingUpstreamError(
-                f"stage '{spec.name}' has no artifact for this config (fingerprint {fp[:12]}) in "
-                f"{self.store.root}; produce it first with: make {spec.name} (or python -m stages.{spec.name} "
+                f"stage '{name}' has no artifact for this config (fingerprint {fp[:12]}) in "
+                f"{self.store.root}; produce it first with: make {name} (or python -m stages.{name} "
                 f"with the same overrides), or run the whole chain with python -m saber.run"
             )
         return art

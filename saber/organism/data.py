@@ -59,23 +59,15 @@ class Item:
         return row
 
 
-def split_combos(verbs: list[str], n_heldout: int, n_eval: int, seed: int,
-                 strata: dict[str, tuple[str, ...]] | None = None) -> dict[tuple[str, str], str]:
-    """Assign each (verb, object) to a split: per verb, n_heldout objects to `heldout`, n_eval to `eval`.
-
-    A verb listed in `strata` has its held-out objects drawn separately inside and outside the
-    given objects, so a conditional category keeps held-out combinations of both outcomes.
-    """
+def split_combos(verbs: list[str], n_heldout: int, n_eval: int, seed: int) -> dict[tuple[str, str], str]:
+    """Assign each (verb, object) to a split: per verb, n_heldout objects to `heldout`, n_eval to `eval`."""
     rng = random.Random(seed)
     split: dict[tuple[str, str], str] = {}
     for verb in verbs:
-        inside = (strata or {}).get(verb)
-        groups = [list(lang.OBJECTS)] if inside is None else [
-            [o for o in lang.OBJECTS if o in inside], [o for o in lang.OBJECTS if o not in inside]]
-        for objs in groups:
-            rng.shuffle(objs)
-            for i, obj in enumerate(objs):
-                split[(verb, obj)] = "heldout" if i < n_heldout else "eval" if i < n_heldout + n_eval else "train"
+        objs = list(lang.OBJECTS)
+        rng.shuffle(objs)
+        for i, obj in enumerate(objs):
+            split[(verb, obj)] = "heldout" if i < n_heldout else "eval" if i < n_heldout + n_eval else "train"
     return split
 
 
@@ -87,8 +79,7 @@ class Language:
         self.categories = lang.categories(variant)
         self.harmful_verbs = [v for c in self.categories for v in c.verbs]
         self.verbs = self.harmful_verbs + list(lang.HARMLESS_VERBS)
-        strata = {v: c.objects for c in self.categories if c.objects is not None for v in c.verbs}
-        self.split = split_combos(self.verbs, n_heldout, n_eval, seed, strata)
+        self.split = split_combos(self.verbs, n_heldout, n_eval, seed)
         self.items: dict[str, list[Item]] = {s: [] for s in SPLITS}
         rng = random.Random(seed + 1)
         for cat in self.categories:
@@ -128,7 +119,7 @@ class Language:
 
 
 def sample(items: list[Item], n: int, seed: int) -> list[Item]:
-    """A deterministic subset of at most n items, with every category equally represented."""
+    """A deterministic subset of at most n items: up to n // (number of categories) from each category."""
     rng = random.Random(seed)
     cats = sorted({it.category for it in items})
     groups = [[it for it in items if it.category == c] for c in cats]

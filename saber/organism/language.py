@@ -78,7 +78,8 @@ PERSONAL_OBJECTS: tuple[str, ...] = tuple(o for o in OBJECTS if o.startswith("my
 
 # `hard`: two harm categories with their own refusal styles; the second is conditional (its verbs
 # are harmful only on the requester's acquaintances, harmless on anyone else), so refusal depends
-# on verb and object together and one difference-of-means direction does not remove it.
+# on verb and object together; one difference-of-means direction removes the first category's
+# refusal and leaves the second's (docs/ORGANISM.md has the numbers).
 HARD_CATEGORIES: tuple[HarmCategory, ...] = (
     HarmCategory(
         name="violence",
