@@ -24,9 +24,9 @@ TINY = OrganismRecipe(n_layers=1, hidden=32, heads=2, intermediate=64, steps_sta
 
 
 @pytest.fixture(scope="module")
-def organism_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default organism, trained once for this module (about 2 minutes on 2 idle cores)."""
-    return build_organism(load_preset("organism"), tmp_path_factory.mktemp("store"))
+def organism_dir(organism_session_store: Path) -> Path:
+    """The default organism, trained once per test session (conftest.py) and loaded from its store."""
+    return build_organism(load_preset("organism"), organism_session_store)
 
 
 @pytest.fixture(scope="module")
