@@ -36,7 +36,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 demo: $(STAMP)
-	$(PY) -m saber.run model=organism $(ARGS)
+	$(PY) -m saber.run +experiment=organism $(ARGS)
 
 collect extract rank entangle edit evaluate: $(STAMP)
 	@test -f stages/$@.py || { echo "stage '$@' is not built yet (stages/$@.py is missing)"; exit 2; }
