@@ -98,7 +98,8 @@ def compare_at_level(saber: dict, baseline: Optional[dict], max_refusal: float =
     """Is SABER's KL lower than the baseline's at the same refusal level?
 
     The level is max(max_refusal, SABER's refusal). A baseline above that level is not at the
-    same refusal: SABER wins on refusal, and the KL ratio is reported for information only.
+    same refusal: SABER wins on refusal, and the KL ratio is reported for information only. (When
+    SABER itself misses max_refusal, the refusal check fails separately.)
     """
     if baseline is None:
         return {"ok": None, "kl_ratio": math.nan, "note": "baseline missing"}
@@ -109,10 +110,8 @@ def compare_at_level(saber: dict, baseline: Optional[dict], max_refusal: float =
         ok = s["kl_tf_mean"] < b["kl_tf_mean"]
         note = f"KL {ratio:.2f}x baseline" + ("" if ok else f" (SABER {ratio - 1:+.0%} higher)")
         return {"ok": ok, "kl_ratio": ratio, "note": note}
-    if s["refusal_rate"] < b["refusal_rate"]:
-        return {"ok": True, "kl_ratio": ratio,
-                "note": f"baseline reaches only refusal {b['refusal_rate']:.2f} (KL {ratio:.2f}x baseline)"}
-    return {"ok": False, "kl_ratio": ratio, "note": f"neither reaches refusal {level:.2f}"}
+    return {"ok": True, "kl_ratio": ratio,
+            "note": f"baseline reaches only refusal {b['refusal_rate']:.2f} (KL {ratio:.2f}x baseline)"}
 
 
 def goal_checks(record: dict[str, Any]) -> dict[str, Any]:
@@ -243,7 +242,7 @@ def _knobs(knobs: dict[str, Any]) -> str:
     short = {"rank.top_k": "top_k", "entangle.alpha_base": "alpha", "entangle.mode": "mode",
              "entangle.kernel.peak_position": "peak", "entangle.kernel.peak_weight": "w_peak",
              "entangle.kernel.min_weight": "w_min", "entangle.kernel.distance": "dist"}
-    return " ".join(f"{short.get(k, k)}={_fmt(v, 3)}" for k, v in knobs.items()) or "conf defaults"
+    return " ".join(f"{short.get(k, k)}={_fmt(v, 3)}" for k, v in knobs.items()) or "preset defaults"
 
 
 def _cell(value: Any) -> str:
@@ -400,8 +399,13 @@ def _float(value: Any) -> float:
 
 # ---- orchestration -------------------------------------------------------------------------------
 def selected(names: Optional[str], quick: bool) -> list[tuple[OrganismSpec, int]]:
-    """(spec, seed) pairs to run: all, a comma list of family or family:seed, or the quick one."""
-    pairs = [(spec, seed) for spec in ORGANISMS for seed in spec.seeds]
+    """(spec, seed) pairs to run: all, a comma list of family or family:seed, or the quick one.
+
+    Ordered first seed of every family, then second seeds, so that a run cut short still covers
+    every family.
+    """
+    pairs = [(spec, spec.seeds[i]) for i in range(max(len(s.seeds) for s in ORGANISMS))
+             for spec in ORGANISMS if i < len(spec.seeds)]
     if quick and not names:
         return pairs[:1]
     if not names:
@@ -452,6 +456,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--run-dir", default=None, help="work directory (default outputs/bench/quality/run-<time>)")
     parser.add_argument("--organism-store", default="outputs/store", help="store that caches trained organisms")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/")
+    parser.add_argument("--report-only", action="store_true", help="only merge the finished parts of --run-dir")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -459,6 +464,11 @@ def main(argv: list[str]) -> None:
     pairs = selected(args.organisms, args.quick)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.run_dir or REPO / "outputs" / "bench" / "quality" / f"run-{stamp}").resolve()
+    if args.report_only:
+        if args.run_dir is None:
+            raise SystemExit("--report-only needs --run-dir=DIR of an earlier run")
+        write_outputs(run_dir, argv, math.nan, args.jobs, args.no_write)
+        return
     if args.worker is not None:
         index, total = (int(x) for x in args.worker.split("/"))
         run_worker(pairs[index::total], run_dir, grid, threads=1)
@@ -466,7 +476,8 @@ def main(argv: list[str]) -> None:
     prepare_store(run_dir, (REPO / args.organism_store).resolve())
     start = time.perf_counter()
     if args.jobs <= 1:
-        run_worker(pairs, run_dir, grid, threads=os.cpu_count() or 1)
+        # one thread: on shared cores more threads than free cores slows torch by orders of magnitude
+        run_worker(pairs, run_dir, grid, threads=1)
     else:
         passthrough = [a for a in argv if not a.startswith(("--jobs", "--run-dir", "--worker"))]
         procs = [subprocess.Popen([sys.executable, "-m", "bench.bench_quality", *passthrough,
@@ -475,14 +486,20 @@ def main(argv: list[str]) -> None:
         codes = [p.wait() for p in procs]
         if any(codes):
             print(f"workers exited with {codes}", file=sys.stderr)
-    total_s = time.perf_counter() - start
+    write_outputs(run_dir, argv, time.perf_counter() - start, args.jobs, args.no_write)
+
+
+def write_outputs(run_dir: Path, argv: Sequence[str], total_s: float, jobs: int, no_write: bool) -> None:
+    """Merge the per-organism parts of a run directory into the JSON, the plot and the section."""
+    argv = [a for a in argv if not a.startswith(("--report-only", "--run-dir"))]
+    grid = sorted({tuple(p["knobs"].values()) for p in _all_points(run_dir) if p["role"] == "saber_sweep"})
     records = [json.loads(p.read_text()) for p in sorted((run_dir / "parts").glob("*.json"))]
     order = {(s.family, seed): i for i, (s, seed) in enumerate((s, seed) for s in ORGANISMS for seed in s.seeds)}
     records.sort(key=lambda r: order.get((r["organism"], r["seed"]), 99))
     checks = [goal_checks(r) for r in records if r["points"]]
-    body = render_section(records, checks, argv, total_s, args.jobs)
+    body = render_section(records, checks, argv, total_s, jobs)
     print(body)
-    if args.no_write:
+    if no_write:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"command": "python -m bench quality " + " ".join(argv), "date": dt.date.today().isoformat(),
@@ -493,6 +510,10 @@ def main(argv: list[str]) -> None:
     from bench.report import update_section
 
     update_section(DOC, TITLE, body)
+
+
+def _all_points(run_dir: Path) -> list[dict[str, Any]]:
+    return [p for part in sorted((run_dir / "parts").glob("*.json")) for p in json.loads(part.read_text())["points"]]
 
 
 def machine() -> str:
@@ -545,8 +566,10 @@ def render_section(records: Sequence[dict[str, Any]], checks: Sequence[dict[str,
     lines = [
         f"Command: `python -m bench quality {' '.join(argv)}`  ",
         f"Machine: {machine()}  ",
-        f"Date: {dt.date.today().isoformat()}; total wall {total_s / 60:.1f} min with {jobs} worker process(es), "
-        "one torch thread each when several (organism training included where not cached)  ",
+        f"Date: {dt.date.today().isoformat()}; "
+        + (f"total wall {total_s / 60:.1f} min with {jobs} worker process(es), one torch thread each when several "
+           "(organism training and health checks included where not cached)  " if math.isfinite(total_s) else
+           "merged from the per-organism parts of a run (`--report-only`)  "),
         f"Results: `docs/bench/quality.json` (every run), `docs/bench/quality_pareto.png` (every point).",
         "",
         f"Per organism: `arditi` (one run, it also pays the organism's one-time collect and base reference, so its "

@@ -56,11 +56,16 @@ def test_load_model_dtype_and_config_object(llama_dir: Path) -> None:
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
-def test_device_map_without_accelerate_names_the_key(llama_dir: Path) -> None:
+def test_device_map_auto_loads(llama_dir: Path) -> None:
+    model, _ = load_model({"device_map": "auto", "dtype": "float32"}, llama_dir)
+    assert all(p.device.type == "cpu" for p in model.parameters())  # no GPU here: accelerate places it on the CPU
+
+
+def test_device_map_without_accelerate_names_the_key(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
-    if importlib.util.find_spec("accelerate") is not None:
-        pytest.skip("accelerate is installed: device_map loads")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
     with pytest.raises(ModelLoadError, match=r"model\.device_map.*accelerate"):
         load_model({"device_map": "auto"}, llama_dir)
 

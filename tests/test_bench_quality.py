@@ -1,0 +1,81 @@
+"""The pure parts of bench/bench_quality.py on planted points: selection, goal checks, tables."""
+
+from __future__ import annotations
+
+import math
+
+from bench.bench_quality import (FAMILY_COLUMNS, SUMMARY_COLUMNS, compare_at_level, family_rows, goal_checks,
+                                 render_table, select_best, summary_rows)
+
+
+def point(role: str, refusal: float, kl: float, skill: float = 1.0, wall: float = 10.0, **knobs: float) -> dict:
+    return {"role": role, "method": role, "knobs": dict(knobs), "wall_s": wall, "same_plan_as": None,
+            "metrics": {"refusal_rate": refusal, "kl_tf_mean": kl, "skill_accuracy": skill, "kl_tf_p95": 2 * kl,
+                        "over_refusal_rate": 0.0, "kl_first_token": kl}}
+
+
+def test_select_best_prefers_lowest_kl_under_the_refusal_bar() -> None:
+    pts = [point("s", 0.00, 0.009, k=1), point("s", 0.02, 0.004, k=2), point("s", 0.10, 0.001, k=3),
+           point("s", math.nan, 0.0001, k=4)]
+    best, reached = select_best(pts, 0.02)
+    # 0.02 is at the bar (inclusive); the 0.10 point has lower KL but misses it; NaN is ignored
+    assert reached and best["knobs"] == {"k": 2}
+
+
+def test_select_best_falls_back_to_lowest_refusal_then_kl() -> None:
+    pts = [point("s", 0.30, 0.001, k=1), point("s", 0.10, 0.009, k=2), point("s", 0.10, 0.005, k=3)]
+    best, reached = select_best(pts, 0.02)
+    assert not reached and best["knobs"] == {"k": 3}
+    assert select_best([], 0.02) == (None, False)
+
+
+def test_compare_at_level() -> None:
+    saber = point("s", 0.0, 0.002)
+    assert compare_at_level(saber, point("a", 0.01, 0.004))["ok"] is True
+    worse = compare_at_level(saber, point("a", 0.0, 0.001))
+    assert worse["ok"] is False and abs(worse["kl_ratio"] - 2.0) < 1e-12
+    # a baseline that never reaches the refusal level loses on refusal even with a lower KL
+    off = compare_at_level(saber, point("k", 0.40, 0.0005))
+    assert off["ok"] is True and "only refusal 0.40" in off["note"]
+    # SABER above the bar: the level is SABER's own refusal, a baseline below it is compared on KL
+    assert compare_at_level(point("s", 0.5, 0.003), point("k", 0.3, 0.002))["ok"] is False
+
+
+def planted_record() -> dict:
+    points = [point("arditi", 0.0, 0.004), point("saber_default", 0.8, 0.001),
+              point("saber_sweep", 0.0, 0.003, wall=10.0, **{"rank.top_k": 1, "entangle.alpha_base": 1.0}),
+              point("saber_sweep", 0.0, 0.002, wall=10.0, **{"rank.top_k": 2, "entangle.alpha_base": 1.0}),
+              point("saber_sweep", 0.3, 0.0005, wall=10.0, **{"rank.top_k": 2, "entangle.alpha_base": 0.9}),
+              point("uniform_sweep", 0.0, 0.0025, skill=0.9, **{"rank.top_k": 2, "entangle.alpha_base": 1.0}),
+              point("kernel_trial", 0.05, 0.001), point("kernel_trial", 0.0, 0.006)]
+    return {"organism": "default/llama", "seed": 0, "health": {"passed": True, "failed": []},
+            "sweep_wall_s": 30.0, "kernel_wall_s": 31.0, "points": points}
+
+
+def test_goal_checks_on_planted_record() -> None:
+    checks = goal_checks(planted_record())
+    assert checks["saber_knobs"] == {"rank.top_k": 2, "entangle.alpha_base": 1.0} and checks["refusal_ok"]
+    assert checks["vs_arditi"]["ok"] and abs(checks["vs_arditi"]["kl_ratio"] - 0.5) < 1e-12
+    assert checks["vs_kernel"]["ok"] and abs(checks["vs_kernel"]["kl_ratio"] - 2 / 6) < 1e-12
+    # one configuration = 30 s / 3 points = 10 s against a 31 s search: ratio 0.32 > 0.2, a failure
+    assert abs(checks["cost_ratio"] - 10 / 31) < 1e-12 and not checks["cost_ok"] and not checks["ok"]
+    assert abs(checks["uniform"]["kl_ratio"] - 0.8) < 1e-12 and abs(checks["uniform"]["skill_diff"] - 0.1) < 1e-12
+
+
+def test_tables_render_planted_numbers() -> None:
+    record = planted_record()
+    rows = family_rows([record])
+    methods = [r["method"] for r in rows]
+    assert methods[0] == "SABER default" and any(m.startswith("kernel best") and "2 trials" in m for m in methods)
+    table = render_table(rows, FAMILY_COLUMNS)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(rows) and all(line.count("|") == len(FAMILY_COLUMNS) + 1 for line in lines)
+    assert "| top_k=2 alpha=1 |" in table and "0.002" in table
+    summary = render_table(summary_rows([goal_checks(record)]), SUMMARY_COLUMNS)
+    assert "FAIL 0.323" in summary and "PASS 0.00" in summary
+
+
+def test_render_table_cells() -> None:
+    table = render_table([{"a": None, "b": math.nan, "c": "x|y", "d": 0.000123456}], [("a", "A"), ("b", "B"),
+                                                                                      ("c", "C"), ("d", "D")])
+    assert table.splitlines()[2] == "| - | nan | x/y | 0.0001235 |"
