@@ -44,7 +44,7 @@ def overrides(model_dir: Path, store: Path, scale: int = 1, k: int = 4) -> list[
     probes, evals, items = BASE_PROBES * scale, BASE_EVAL * scale, BASE_ITEMS * scale
     return [
         "data=default", "evaluate=default", f"model.path={model_dir}", "model.name=random-llama",
-        "model.dtype=float32", "model.device=cpu", f"store_root={store}", "edit.export=false",
+        "model.dtype=float32", "model.device=cpu", f"store_root={store}", "edit.export=true",
         *[f"data.{kind}.limit={probes}" for kind in ("harmful", "harmless", "capability")],
         *[f"data.{kind}.limit={evals}" for kind in ("harmful_eval", "harmless_eval")],
         f"evaluate.n_harmful={evals}", f"evaluate.n_harmless={evals}", f"evaluate.n_xstest={items}",
@@ -88,6 +88,18 @@ def render(times: dict[str, dict[str, float]], rel: dict[str, dict[str, float]])
         if name != "baseline":
             lines.append(f"| {name}, ratio | " + " | ".join(f"{rel[name].get(s, math.nan):.2f}" for s in cols) + " |")
     return "\n".join(lines)
+
+
+def headline(times: dict[str, dict[str, float]], rel: dict[str, dict[str, float]]) -> str:
+    """One sentence: where the time goes and how the total scales."""
+    base = times["baseline"]
+    share = base.get("evaluate", math.nan) / base["total"]
+    return (f"Evaluate (base reference included) takes {share:.0%} of the baseline's {base['total']:.1f} s and "
+            f"collect {base.get('collect', math.nan) / base['total']:.0%}; the analysis stages (extract, rank, "
+            f"entangle) stay under {sum(base.get(s, 0.0) for s in ('extract', 'rank', 'entangle')):.1f} s together. "
+            f"Total scales {rel['prompts x2']['total']:.2f}x and {rel['prompts x4']['total']:.2f}x with prompts x2 "
+            f"and x4, {rel['layers x2']['total']:.2f}x with twice the layers, and {rel['extract.k 8']['total']:.2f}x "
+            "with twice the directions per layer.")
 
 
 def build_model(out_dir: Path, layers: int) -> Path:
@@ -136,6 +148,7 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="saber-costs-") as tmp:
         work = Path(tmp)
         models = {layers: build_model(work / f"llama{layers}", layers) for layers in sorted({c[0] for c in CONFIGS.values()})}
+        run_config(models[4], work, 1, 4)  # warm-up, discarded: first-call imports (scikit-learn, plotting)
         for name, (layers, scale, k) in CONFIGS.items():
             runs = [run_config(models[layers], work, scale, k) for _ in range(args.reps)]
             times[name] = {s: min(r.get(s, math.nan) for r in runs) for s in runs[0]}
@@ -144,11 +157,11 @@ def main(argv: list[str]) -> None:
     table = render(times, rel)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     body = "\n".join([
-        f"Command: `python -m bench costs {' '.join(argv)}`  ",
+        f"Command: `{' '.join(['python -m bench costs', *argv])}`  ",
         f"Machine: {os.cpu_count()}-core CPU ({platform.processor() or platform.machine()}), torch "
         f"{torch.__version__}, 1 torch thread; load average at the end {load} (shared machine)  ",
         f"Date: {dt.date.today().isoformat()}; bench wall {time.perf_counter() - start:.0f} s; "
-        f"{args.reps} run(s) per configuration, minimum kept  ",
+        f"{args.reps} run(s) per configuration after one discarded warm-up run, minimum kept  ",
         "Model: random-weight LlamaForCausalLM with the organism's shape (hidden 256, 4 heads, MLP 512, 4 layers; "
         "8 for `layers x2`), float32, byte-level test tokenizer (320 ids, so English prompts are long: about one "
         "token per 2-3 characters).  ",
@@ -160,11 +173,16 @@ def main(argv: list[str]) -> None:
         "",
         table,
         "",
+        headline(times, rel),
+        "",
         "Each stage's seconds are the `wall_time_s` of its artifact manifest in a fresh store (collect includes "
         "loading the model; `reference` is the base model's half of the evaluation: greedy continuations and "
-        "their logits, built once per model and evaluation config and reused by every later configuration; "
-        "`total` is the runner's wall time, store and verification overheads included). Ratios near 1 for a "
-        "stage that should not depend on the scaled quantity show the fixed costs; single runs on a shared "
+        "their logits, built once per model and evaluation config inside the first evaluate, so evaluate's seconds "
+        "include it; later configurations of the same model reuse it; "
+        "`total` is the runner's wall time, store and verification overheads included; `edit` is the "
+        "streaming export of the edited checkpoint (edit.export=true), while evaluate applies the plan in memory; "
+        "see \"Streaming edit at 8B scale\" for the export at scale). Ratios near 1 for a stage that should not depend on the "
+        "scaled quantity show its fixed costs; stages under 0.1 s are timer noise; single runs on a shared "
         "machine vary by 10 to 30 %.",
     ])
     print(body)
@@ -174,7 +192,7 @@ def main(argv: list[str]) -> None:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "costs.json").write_text(json.dumps(
-        {"command": "python -m bench costs " + " ".join(argv), "date": dt.date.today().isoformat(),
+        {"command": " ".join(["python -m bench costs", *argv]), "date": dt.date.today().isoformat(),
          "configs": {n: {"layers": c[0], "prompt_scale": c[1], "extract_k": c[2]} for n, c in CONFIGS.items()},
          "seconds": times, "ratios": rel}, indent=1))
     update_section(DOC, TITLE, body)

@@ -97,21 +97,28 @@ def select_best(points: Sequence[dict[str, Any]], max_refusal: float = MAX_REFUS
 def compare_at_level(saber: dict, baseline: Optional[dict], max_refusal: float = MAX_REFUSAL) -> dict[str, Any]:
     """Is SABER's KL lower than the baseline's at the same refusal level?
 
-    The level is max(max_refusal, SABER's refusal). A baseline above that level is not at the
-    same refusal: SABER wins on refusal, and the KL ratio is reported for information only. (When
-    SABER itself misses max_refusal, the refusal check fails separately.)
+    Same level: both at or below max_refusal, or within max_refusal of each other; then the lower
+    KL wins (ok None when both miss max_refusal: no comparison at the goal level). Otherwise the
+    lower refusal wins whatever the KL (the KL ratio is for information).
     """
     if baseline is None:
         return {"ok": None, "kl_ratio": math.nan, "note": "baseline missing"}
     s, b = saber["metrics"], baseline["metrics"]
     ratio = s["kl_tf_mean"] / b["kl_tf_mean"] if b["kl_tf_mean"] > 0 else math.inf
-    level = max(max_refusal, s["refusal_rate"])
-    if b["refusal_rate"] <= level + 1e-12:
+    same = max(s["refusal_rate"], b["refusal_rate"]) <= max_refusal + 1e-12 or \
+        abs(s["refusal_rate"] - b["refusal_rate"]) <= max_refusal + 1e-12
+    if same and min(s["refusal_rate"], b["refusal_rate"]) > max_refusal + 1e-12:
+        return {"ok": None, "kl_ratio": ratio, "note": f"neither reaches {max_refusal:.0%} (SABER "
+                f"{s['refusal_rate']:.2f}, baseline {b['refusal_rate']:.2f})"}
+    if same:
         ok = s["kl_tf_mean"] < b["kl_tf_mean"]
         note = f"KL {ratio:.2f}x baseline" + ("" if ok else f" (SABER {ratio - 1:+.0%} higher)")
         return {"ok": ok, "kl_ratio": ratio, "note": note}
-    return {"ok": True, "kl_ratio": ratio,
-            "note": f"baseline reaches only refusal {b['refusal_rate']:.2f} (KL {ratio:.2f}x baseline)"}
+    if s["refusal_rate"] < b["refusal_rate"]:
+        return {"ok": True, "kl_ratio": ratio,
+                "note": f"baseline reaches only refusal {b['refusal_rate']:.2f} (KL {ratio:.2f}x baseline)"}
+    return {"ok": False, "kl_ratio": ratio,
+            "note": f"baseline reaches lower refusal {b['refusal_rate']:.2f} vs SABER {s['refusal_rate']:.2f}"}
 
 
 def goal_checks(record: dict[str, Any]) -> dict[str, Any]:
@@ -144,9 +151,38 @@ def goal_checks(record: dict[str, Any]) -> dict[str, Any]:
                           "kl_ratio": saber["metrics"]["kl_tf_mean"] / u["kl_tf_mean"] if u["kl_tf_mean"] > 0 else math.nan,
                           "skill_diff": saber["metrics"].get("skill_accuracy", math.nan) - u.get("skill_accuracy", math.nan),
                           "same_plans": all(p.get("same_plan_as") for p in by_role.get("uniform_sweep", []))}
+    out["paired"] = paired_ablation(record["points"])
     checks = [out["refusal_ok"], out["vs_arditi"]["ok"], out["vs_kernel"]["ok"], out["cost_ok"]]
     out["ok"] = all(c is True for c in checks)
     return out
+
+
+def paired_ablation(points: Sequence[dict[str, Any]], tol: float = MAX_REFUSAL) -> dict[str, Any]:
+    """Entanglement-aware against uniform strength at the same knobs, where the plans differ.
+
+    Only grid points whose SABER plan down-weighted a direction (so the uniform plan differs)
+    count. Pairs: both refusal rates at or below `tol` (equal refusal at the goal level); kl_ratio
+    is the geometric mean of KL(SABER) / KL(uniform) over them, below 1 meaning entanglement
+    awareness lowers drift. saber_reach / uniform_reach count the differing points that reach `tol`.
+    """
+    by_role = _by_role(points)
+    saber = {_key(p["knobs"]): p for p in by_role.get("saber_sweep", [])}
+    differ = [u for u in by_role.get("uniform_sweep", []) if not u.get("same_plan_as") and _key(u["knobs"]) in saber]
+    pairs = [(saber[_key(u["knobs"])], u) for u in differ
+             if max(saber[_key(u["knobs"])]["metrics"]["refusal_rate"], u["metrics"]["refusal_rate"]) <= tol + 1e-12]
+    logs = [math.log(s["metrics"]["kl_tf_mean"] / u["metrics"]["kl_tf_mean"]) for s, u in pairs
+            if s["metrics"]["kl_tf_mean"] > 0 and u["metrics"]["kl_tf_mean"] > 0]
+    skills = [s["metrics"].get("skill_accuracy", math.nan) - u["metrics"].get("skill_accuracy", math.nan) for s, u in pairs]
+    reach = lambda p: p["metrics"]["refusal_rate"] <= tol + 1e-12  # noqa: E731
+    return {"n_differ": len(differ), "n_pairs": len(pairs),
+            "saber_reach": sum(reach(saber[_key(u["knobs"])]) for u in differ), "uniform_reach": sum(reach(u) for u in differ),
+            "kl_ratio": math.exp(sum(logs) / len(logs)) if logs else math.nan,
+            "saber_lower": sum(s["metrics"]["kl_tf_mean"] < u["metrics"]["kl_tf_mean"] for s, u in pairs),
+            "skill_diff": sum(skills) / len(skills) if skills else math.nan}
+
+
+def _key(knobs: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in knobs.items() if k != "entangle.mode"))
 
 
 def render_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
@@ -184,7 +220,8 @@ def family_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             if point.get("same_plan_as"):
                 label += " (same plan as SABER)"
             rows.append({"seed": f"{record['seed']}{flag}", "method": label, "knobs": _knobs(point["knobs"]),
-                         **{k: m.get(k) for k in METRICS}, "wall_s": point.get("wall_s")})
+                         **{k: m.get(k) for k in METRICS},
+                         "wall_s": None if point.get("same_plan_as") else point.get("wall_s")})
     return rows
 
 
@@ -202,8 +239,20 @@ def summary_rows(checks: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         uni = c.get("uniform")
         uni_text = None
         if uni is not None:
-            uni_text = ("same plans (no direction entangled)" if uni["same_plans"] else
-                        f"KL {uni['kl_ratio']:.2f}x, skill {uni['skill_diff']:+.2f} (uniform refusal {uni['refusal']:.2f})")
+            if uni["same_plans"]:
+                uni_text = "same plans (no direction entangled)"
+            elif abs(uni["refusal"] - c["saber_refusal"]) > MAX_REFUSAL or max(uni["refusal"], c["saber_refusal"]) > 0.5:
+                uni_text = f"refusal: uniform {uni['refusal']:.2f}, SABER {c['saber_refusal']:.2f}"
+            else:
+                uni_text = f"KL {uni['kl_ratio']:.2f}x, skill {uni['skill_diff']:+.2f} (uniform refusal {uni['refusal']:.2f})"
+        pair = c.get("paired")
+        pair_text = None
+        if pair is not None:
+            pair_text = (f"{pair['n_differ']} points differ; reach {MAX_REFUSAL:.0%}: SABER {pair['saber_reach']}, "
+                         f"uniform {pair['uniform_reach']}"
+                         + ("" if not pair["n_pairs"] else
+                            f": KL {pair['kl_ratio']:.2f}x (SABER lower in {pair['saber_lower']}), "
+                            f"skill {pair['skill_diff']:+.2f}"))
         refusal = c.get("saber_refusal")
         rows.append({
             "organism": c["organism"], "seed": c["seed"],
@@ -213,7 +262,7 @@ def summary_rows(checks: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "vs_arditi": _verdict(c.get("vs_arditi")), "vs_kernel": _verdict(c.get("vs_kernel")),
             "cost": None if "cost_ratio" not in c else
             f"{'PASS' if c['cost_ok'] else 'FAIL'} {c['cost_ratio']:.3f} ({c['kernel_trials']} kernel trials)",
-            "uniform": uni_text, "all": "PASS" if c.get("ok") else "FAIL",
+            "uniform": uni_text, "paired": pair_text, "all": "PASS" if c.get("ok") else "FAIL",
         })
     return rows
 
@@ -221,7 +270,63 @@ def summary_rows(checks: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 SUMMARY_COLUMNS = [("organism", "organism"), ("seed", "seed"), ("health", "organism health"),
                    ("refusal", f"SABER refusal <= {MAX_REFUSAL:.0%}"), ("vs_arditi", "KL tf mean vs arditi"),
                    ("vs_kernel", "KL tf mean vs kernel"), ("cost", f"1 config / kernel search <= {COST_RATIO}"),
-                   ("uniform", "SABER vs uniform alpha (best of grid)"), ("all", "all goals")]
+                   ("uniform", "SABER vs uniform alpha: best points"),
+                   ("paired", "SABER vs uniform alpha: same knobs"), ("all", "all goals")]
+
+
+def findings(records: Sequence[dict[str, Any]], checks: Sequence[dict[str, Any]]) -> list[str]:
+    """Plain-language findings derived from the checks: what passed, what fell short and by how much."""
+    out = []
+    done = [c for c in checks if "saber_refusal" in c]
+    label = [f"{c['organism']} s{c['seed']}" for c in done]
+    short = [f"{name} (refusal {c['saber_refusal']:.2f}, +{c['refusal_short_by']:.2f})"
+             for name, c in zip(label, done) if not c["refusal_ok"]]
+    out.append(f"Refusal <= {MAX_REFUSAL:.0%}: {len(done) - len(short)} of {len(done)} organisms"
+               + (f"; short on {', '.join(short)}." if short else "."))
+    for key, name in (("vs_arditi", "arditi"), ("vs_kernel", "kernel")):
+        fails = [f"{lab} ({c[key]['note']})" for lab, c in zip(label, done) if c[key]["ok"] is not True]
+        ratios = [c[key]["kl_ratio"] for c in done if _finite(c[key]["kl_ratio"])]
+        text = f"KL tf mean below {name}: {len(done) - len(fails)} of {len(done)}"
+        if ratios:
+            text += f" (SABER / {name} from {min(ratios):.2f}x to {max(ratios):.2f}x)"
+        out.append(text + (f"; not on {'; '.join(fails)}." if fails else "."))
+    costs = [c["cost_ratio"] for c in done if _finite(c.get("cost_ratio"))]
+    if costs:
+        out.append(f"One SABER configuration / time-matched kernel search: {min(costs):.3f} to {max(costs):.3f} "
+                   f"(goal <= {COST_RATIO}); the kernel search ran {min(c['kernel_trials'] for c in done)} to "
+                   f"{max(c['kernel_trials'] for c in done)} trials in that time, so the check mostly restates "
+                   f"that the sweep has {len(GRID)} points; per-trial costs are in the wall s column.")
+    defaults = [p["metrics"]["refusal_rate"] for r in records for p in r["points"] if p["role"] == "saber_default"]
+    if defaults:
+        knobs = sorted({_knobs(c["saber_knobs"]) for c in done})
+        out.append(f"SABER with the conf defaults (alpha_base 0.825, top_k 14) leaves refusal between "
+                   f"{min(defaults):.2f} and {max(defaults):.2f}; the chosen sweep points are {', '.join(knobs)}.")
+    pairs = [c["paired"] for c in done if c.get("paired")]
+    n_pairs = sum(p["n_pairs"] for p in pairs)
+    if pairs:
+        logs = [math.log(p["kl_ratio"]) * p["n_pairs"] for p in pairs if p["n_pairs"] and _finite(p["kl_ratio"])]
+        lower = sum(p["saber_lower"] for p in pairs)
+        skill = [p["skill_diff"] * p["n_pairs"] for p in pairs if p["n_pairs"] and _finite(p["skill_diff"])]
+        text = (f"Entanglement ablation: {sum(p['n_differ'] for p in pairs)} grid points had a down-weighted "
+                f"direction (elsewhere uniform alpha is the same plan); of those, SABER reached refusal <= "
+                f"{MAX_REFUSAL:.0%} at {sum(p['saber_reach'] for p in pairs)} and uniform alpha at "
+                f"{sum(p['uniform_reach'] for p in pairs)}; {n_pairs} reached it with both modes")
+        if n_pairs:
+            text += (f": differential alpha had the lower KL in {lower} (geometric-mean KL ratio "
+                     f"{math.exp(sum(logs) / n_pairs):.2f}x), skill difference {sum(skill) / n_pairs:+.3f}")
+        out.append(text + ".")
+    blocked = [f"{c['organism']} s{c['seed']} (uniform {c['uniform']['refusal']:.2f}, SABER {c['saber_refusal']:.2f})"
+               for c in done if c.get("uniform") and c["uniform"]["refusal"] < c["saber_refusal"] - MAX_REFUSAL]
+    if blocked:
+        out.append("Where SABER falls short, entanglement scoring is the cause when uniform alpha over the same grid "
+                   "reaches a lower refusal: the refusal-carrying directions have rho above tau (0.55) and get "
+                   f"alpha_entangled (0.03), so they stay in the model. Seen on {len(blocked)} of {len(done)}: "
+                   + ", ".join(blocked) + ".")
+    sick = [f"{c['organism']} s{c['seed']}: {', '.join(c['health'].get('failed', []))}" for c in checks
+            if not c.get("health", {}).get("passed", True)]
+    if sick:
+        out.append("Organisms failing their own health bars (benchmarked anyway): " + "; ".join(sick) + ".")
+    return out
 
 
 def _verdict(cmp: Optional[dict]) -> Optional[str]:
@@ -502,7 +607,7 @@ def write_outputs(run_dir: Path, argv: Sequence[str], total_s: float, jobs: int,
     if no_write:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"command": "python -m bench quality " + " ".join(argv), "date": dt.date.today().isoformat(),
+    payload = {"command": " ".join(["python -m bench quality", *argv]), "date": dt.date.today().isoformat(),
                "machine": machine(), "wall_s": total_s, "grid": grid, "max_refusal": MAX_REFUSAL,
                "records": records, "checks": checks}
     (RESULTS / "quality.json").write_text(json.dumps(payload, indent=1, default=str))
@@ -564,7 +669,7 @@ def render_section(records: Sequence[dict[str, Any]], checks: Sequence[dict[str,
                    total_s: float, jobs: int) -> str:
     grid = sorted({tuple(p["knobs"].values()) for r in records for p in r["points"] if p["role"] == "saber_sweep"})
     lines = [
-        f"Command: `python -m bench quality {' '.join(argv)}`  ",
+        f"Command: `{' '.join(['python -m bench quality', *argv])}`  ",
         f"Machine: {machine()}  ",
         f"Date: {dt.date.today().isoformat()}; "
         + (f"total wall {total_s / 60:.1f} min with {jobs} worker process(es), one torch thread each when several "
@@ -592,6 +697,11 @@ def render_section(records: Sequence[dict[str, Any]], checks: Sequence[dict[str,
     lines += ["### Goal checks", "", render_table(summary_rows(checks), SUMMARY_COLUMNS), ""]
     if errors:
         lines += ["Failed organisms: " + "; ".join(f"{r['organism']} seed {r['seed']}: {r['error']}" for r in errors), ""]
+    lines += ["Findings:", "", *[f"- {f}" for f in findings(records, checks)], "",
+              "Caveats: every method's best point is chosen on the same held-out evaluation prompts that report it "
+              "(SABER's sweep and the kernel search alike), so chosen-point numbers are optimistic for both; "
+              "refusal rates rest on about 100 prompts (95% Wilson half-width about 4 points near 0); wall times "
+              "come from one run on a shared 2-core machine.", ""]
     lines += [f"Goal: on every organism SABER's chosen point reaches held-out refusal <= {MAX_REFUSAL:.0%} with "
               "teacher-forced KL mean lower than both baselines at the same refusal level, and one SABER "
               f"configuration costs at most {COST_RATIO:.0%} of the kernel search's wall time. "

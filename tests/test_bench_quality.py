@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from bench.bench_quality import (FAMILY_COLUMNS, SUMMARY_COLUMNS, compare_at_level, family_rows, goal_checks,
-                                 render_table, select_best, summary_rows)
+                                 findings, paired_ablation, render_table, select_best, summary_rows)
 
 
 def point(role: str, refusal: float, kl: float, skill: float = 1.0, wall: float = 10.0, **knobs: float) -> dict:
@@ -39,6 +39,10 @@ def test_compare_at_level() -> None:
     assert off["ok"] is True and "only refusal 0.40" in off["note"]
     # SABER above the bar: the level is SABER's own refusal, a baseline below it is compared on KL
     assert compare_at_level(point("s", 0.5, 0.003), point("k", 0.3, 0.002))["ok"] is False
+    # an edit that removed nothing (refusal 1, KL ~0) does not beat a baseline that removed some refusal
+    noop = compare_at_level(point("s", 1.0, 1e-7), point("a", 0.27, 0.04))
+    assert noop["ok"] is False and "lower refusal 0.27" in noop["note"]
+    assert compare_at_level(point("s", 1.0, 1e-7), point("a", 0.99, 0.04))["ok"] is None  # both missed the bar
 
 
 def planted_record() -> dict:
@@ -62,6 +66,19 @@ def test_goal_checks_on_planted_record() -> None:
     assert abs(checks["uniform"]["kl_ratio"] - 0.8) < 1e-12 and abs(checks["uniform"]["skill_diff"] - 0.1) < 1e-12
 
 
+def test_paired_ablation_counts_only_differing_plans_at_equal_refusal() -> None:
+    knobs = [{"rank.top_k": k} for k in (1, 2, 3, 4)]
+    saber = [point("saber_sweep", 0.0, 0.002, **knobs[0]), point("saber_sweep", 0.0, 0.001, **knobs[1]),
+             point("saber_sweep", 0.0, 0.004, skill=0.8, **knobs[2]), point("saber_sweep", 0.0, 0.001, **knobs[3])]
+    same = {**point("uniform_sweep", 0.0, 0.002, **knobs[0]), "same_plan_as": knobs[0]}
+    uniform = [same, point("uniform_sweep", 0.0, 0.004, **knobs[1]), point("uniform_sweep", 0.01, 0.001, skill=1.0, **knobs[2]),
+               point("uniform_sweep", 0.5, 0.0001, **knobs[3])]
+    out = paired_ablation(saber + uniform, tol=0.02)
+    # knobs[0]: same plan (skipped); knobs[3]: refusal differs by 0.5 (skipped); pairs: ratios 1/4 and 4/1
+    assert out["n_differ"] == 3 and out["n_pairs"] == 2 and out["saber_lower"] == 1
+    assert abs(out["kl_ratio"] - 1.0) < 1e-12 and abs(out["skill_diff"] - (-0.1)) < 1e-12
+
+
 def test_tables_render_planted_numbers() -> None:
     record = planted_record()
     rows = family_rows([record])
@@ -79,3 +96,13 @@ def test_render_table_cells() -> None:
     table = render_table([{"a": None, "b": math.nan, "c": "x|y", "d": 0.000123456}], [("a", "A"), ("b", "B"),
                                                                                       ("c", "C"), ("d", "D")])
     assert table.splitlines()[2] == "| - | nan | x/y | 0.0001235 |"
+
+
+def test_findings_state_shortfalls() -> None:
+    record = planted_record()
+    record["points"][2]["metrics"]["refusal_rate"] = 0.05  # no sweep point at the bar any more but one
+    text = " ".join(findings([record], [goal_checks(record)]))
+    assert "Refusal <= 2%: 1 of 1 organisms." in text and "0.323 to 0.323" in text
+    record["points"][3]["metrics"]["refusal_rate"] = 0.10
+    text = " ".join(findings([record], [goal_checks(record)]))
+    assert "short on default/llama s0 (refusal 0.05, +0.03)" in text

@@ -43,14 +43,19 @@ def test_full_run_rerun_and_edit_knob(organism_store: Path) -> None:
     assert again.artifacts == first.artifacts
     assert time.perf_counter() - start < 30  # loads manifests and hashes files only; a rebuild takes minutes
 
-    # An edit knob reruns edit and evaluate only.
-    changed = run_pipeline(compose_config(f"store_root={organism_store}", "edit.norm_preserving=true"))
+    # An edit knob reruns edit and evaluate only; an export directory gets the evaluation card.
+    out = organism_store.parent / "edited-model"
+    changed = run_pipeline(compose_config(f"store_root={organism_store}", "edit.norm_preserving=true",
+                                          f"edit.out_dir={out}"))
     after = published(organism_store)
     for stage in ("collect", "extract", "rank", "entangle"):
         assert after[stage] == before[stage]
         assert changed.artifacts[stage] == first.artifacts[stage]
     for stage in ("edit", "evaluate"):
         assert len(after[stage]) == 2
+    card = (out / "README.md").read_text()
+    assert "### Evaluation" in card and (changed.artifacts["evaluate"] / "model_card.md").read_text() in card
+    assert (out / "config.json").exists() and list(out.glob("*.safetensors"))
 
 
 def test_stage_subset(organism_store: Path) -> None:
@@ -105,11 +110,3 @@ def test_iterations_record_and_stop(organism_store: Path) -> None:
     plans_used = (result.artifacts["edit"] / "plans.txt").read_text().split()
     assert len(plans_used) == log.last_iteration + 1
 
-
-def test_export_to_out_dir_gets_evaluation_card(organism_store: Path, tmp_path: Path) -> None:
-    out = tmp_path / "edited-model"
-    result = run_pipeline(compose_config(f"store_root={organism_store}", f"edit.out_dir={out}"))
-    card = (out / "README.md").read_text()
-    assert "### Evaluation" in card and "saber" in card
-    assert (out / "config.json").exists() and list(out.glob("*.safetensors"))
-    assert (result.artifacts["evaluate"] / "model_card.md").read_text() in card
