@@ -646,9 +646,10 @@ def render(r: dict[str, Any], command: str) -> str:
         "process s adds interpreter and library start-up. Peak RSS is the phase process's VmHWM, "
         "which counts resident file-backed pages of the memory-mapped source shard as well as copies. "
         "The baseline edits in place with the library's arithmetic but keeps no revert copies (the "
-        "leanest load-edit-save), so the memory ratio is conservative. Both edit paths spend most of "
-        "their time in the edit arithmetic (one float32 rank-1 update per direction on every edited "
-        "writer matrix), not in I/O: compare the copy rows.",
+        "leanest load-edit-save), so the memory ratio is conservative. Beyond the copy time, both "
+        "edit paths spend their time in float32 arithmetic: casting each writer matrix to float32 and "
+        "back, and two matrix products per matrix (W - Q^T diag(alpha) Q W for all of its directions "
+        "at once).",
     ]
     if "loadavg" in r:
         lines += ["", f"Load average (1 min, shared machine): {r['loadavg']}."]

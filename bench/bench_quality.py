@@ -572,7 +572,9 @@ def main(argv: list[str]) -> None:
     if args.report_only:
         if args.run_dir is None:
             raise SystemExit("--report-only needs --run-dir=DIR of an earlier run")
-        write_outputs(run_dir, argv, math.nan, args.jobs, args.no_write)
+        wall = run_dir / "wall.json"  # the original run's wall time and command, when it finished
+        record = json.loads(wall.read_text()) if wall.exists() else {"wall_s": math.nan, "jobs": args.jobs, "argv": argv}
+        write_outputs(run_dir, record["argv"], record["wall_s"], record["jobs"], args.no_write, record.get("machine"))
         return
     if args.worker is not None:
         index, total = (int(x) for x in args.worker.split("/"))
@@ -591,10 +593,14 @@ def main(argv: list[str]) -> None:
         codes = [p.wait() for p in procs]
         if any(codes):
             print(f"workers exited with {codes}", file=sys.stderr)
-    write_outputs(run_dir, argv, time.perf_counter() - start, args.jobs, args.no_write)
+    total_s = time.perf_counter() - start
+    (run_dir / "wall.json").write_text(json.dumps({"wall_s": total_s, "jobs": args.jobs, "argv": argv,
+                                                   "machine": machine()}))
+    write_outputs(run_dir, argv, total_s, args.jobs, args.no_write)
 
 
-def write_outputs(run_dir: Path, argv: Sequence[str], total_s: float, jobs: int, no_write: bool) -> None:
+def write_outputs(run_dir: Path, argv: Sequence[str], total_s: float, jobs: int, no_write: bool,
+                  machine_text: Optional[str] = None) -> None:
     """Merge the per-organism parts of a run directory into the JSON, the plot and the section."""
     argv = [a for a in argv if not a.startswith(("--report-only", "--run-dir"))]
     grid = sorted({tuple(p["knobs"].values()) for p in _all_points(run_dir) if p["role"] == "saber_sweep"})
@@ -602,13 +608,14 @@ def write_outputs(run_dir: Path, argv: Sequence[str], total_s: float, jobs: int,
     order = {(s.family, seed): i for i, (s, seed) in enumerate((s, seed) for s in ORGANISMS for seed in s.seeds)}
     records.sort(key=lambda r: order.get((r["organism"], r["seed"]), 99))
     checks = [goal_checks(r) for r in records if r["points"]]
-    body = render_section(records, checks, argv, total_s, jobs)
+    machine_text = machine_text or machine()
+    body = render_section(records, checks, argv, total_s, jobs, machine_text)
     print(body)
     if no_write:
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {"command": " ".join(["python -m bench quality", *argv]), "date": dt.date.today().isoformat(),
-               "machine": machine(), "wall_s": total_s, "grid": grid, "max_refusal": MAX_REFUSAL,
+               "machine": machine_text, "wall_s": total_s, "grid": grid, "max_refusal": MAX_REFUSAL,
                "records": records, "checks": checks}
     (RESULTS / "quality.json").write_text(json.dumps(payload, indent=1, default=str))
     plot(records, RESULTS / "quality_pareto.png")
@@ -655,7 +662,7 @@ def plot(records: Sequence[dict[str, Any]], out: Path) -> None:
         ax.axvline(MAX_REFUSAL, color="0.5", ls="--", lw=0.8)
         ax.set_yscale("log")
         ax.set_xlabel("held-out refusal rate")
-        ax.set_ylabel("teacher-forced KL mean (nats)")
+        ax.set_ylabel("teacher-forced KL mean (nats, floored at 1e-6)")
         ax.set_title(f"{family} (all seeds)")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(families):]:
@@ -666,11 +673,11 @@ def plot(records: Sequence[dict[str, Any]], out: Path) -> None:
 
 
 def render_section(records: Sequence[dict[str, Any]], checks: Sequence[dict[str, Any]], argv: Sequence[str],
-                   total_s: float, jobs: int) -> str:
+                   total_s: float, jobs: int, machine_text: str) -> str:
     grid = sorted({tuple(p["knobs"].values()) for r in records for p in r["points"] if p["role"] == "saber_sweep"})
     lines = [
         f"Command: `{' '.join(['python -m bench quality', *argv])}`  ",
-        f"Machine: {machine()}  ",
+        f"Machine: {machine_text}  ",
         f"Date: {dt.date.today().isoformat()}; "
         + (f"total wall {total_s / 60:.1f} min with {jobs} worker process(es), one torch thread each when several "
            "(organism training and health checks included where not cached)  " if math.isfinite(total_s) else
