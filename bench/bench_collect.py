@@ -33,7 +33,7 @@ from saber.model.hooks import capture_last_positions
 from saber.model.loading import load_model
 from saber.prompts import load_prompts
 
-from bench.report import update_section
+from bench.report import cpu_name, update_section
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "BENCHMARKS.md"
@@ -120,14 +120,7 @@ def run(model_dir: Path, reps: int, per_kind: int, batch_size: int, max_length: 
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     return (f"{os.cpu_count()}-core CPU ({cpu}), torch {torch.__version__} (CPU threads "
             f"{torch.get_num_threads()}); load average at the end {load} (shared machine)")

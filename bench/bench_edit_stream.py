@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from bench.report import update_section
+from bench.report import cpu_name, update_section
 
 if TYPE_CHECKING:  # torch is imported where used: the copy phase's child stays a bare interpreter
     import torch
@@ -598,14 +598,7 @@ def run(scale: str, workdir: Path, *, keep: bool = False, drop: bool = True, bas
 def machine() -> str:
     import torch
 
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     mem = psutil.virtual_memory().total / GIB
     return f"{os.cpu_count()}-core CPU ({cpu}), {mem:.0f} GiB RAM, torch {torch.__version__}"
 

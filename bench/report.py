@@ -1,8 +1,20 @@
-"""Shared helper of the benchmarks: update one section of docs/BENCHMARKS.md."""
+"""Shared helpers of the benchmarks: the machine's CPU name, one section of docs/BENCHMARKS.md."""
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, or the platform's machine type where that is absent."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def update_section(path: Path, title: str, body: str) -> None:
