@@ -19,7 +19,7 @@ from saber.pipeline import StageContext, StageSpec
 from stages.cli import stage_main
 
 log = logging.getLogger("saber.evaluate")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 REFERENCE_STAGE = "reference"
 REFERENCE_SCHEMA_VERSION = 2
 
