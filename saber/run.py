@@ -20,11 +20,10 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from saber.config import SaberConfig, register_configs, validate
-from saber.iteration import IterationLog, run_iterations
+from saber.iteration import ANALYSIS_STAGES, IterationLog, run_iterations
 from saber.pipeline import Pipeline, configure_logging
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-ANALYSIS_STAGES = ("collect", "extract", "rank", "entangle")
 
 log = logging.getLogger("saber.run")
 register_configs()
@@ -44,10 +43,11 @@ def run_pipeline(cfg: SaberConfig, pipeline: Optional[Pipeline] = None) -> RunRe
     """Run the configured stages (all iterations) and return where everything landed."""
     start = time.perf_counter()
     pipeline = pipeline or Pipeline(cfg)
-    unknown = [s for s in cfg.stages if s not in ANALYSIS_STAGES + ("edit", "evaluate")]
+    from stages import STAGE_ORDER
+
+    unknown = [s for s in cfg.stages if s not in STAGE_ORDER]
     if unknown:
-        raise ValueError(f"config key 'stages' names unknown stages {unknown}; "
-                         f"valid: {list(ANALYSIS_STAGES) + ['edit', 'evaluate']}")
+        raise ValueError(f"config key 'stages' names unknown stages {unknown}; valid: {list(STAGE_ORDER)}")
     result = RunResult()
     wanted_analysis = [s for s in ANALYSIS_STAGES if s in cfg.stages]
     needs_plans = "edit" in cfg.stages or "evaluate" in cfg.stages

@@ -37,3 +37,15 @@ def organism_store(organism_session_store: Path, tmp_path: Path) -> Path:
     root = tmp_path / "store"
     shutil.copytree(organism_session_store / "organism", root / "organism")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One saved tiny random model per supported architecture, built once per test session.
+
+    Tests only read these directories (edits are exported elsewhere), so sharing them is safe.
+    """
+    from tiny_models import TINY_ARCHS, build_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: build_tiny(arch, root / arch) for arch in TINY_ARCHS}

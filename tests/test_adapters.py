@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM
 
 from saber.edit import EditConfig, EditPlan, PlanRow, apply_plan
 from saber.edit.config import KNOWN_ROLES
@@ -21,21 +20,13 @@ from saber.model.adapters import (
     register_adapter,
 )
 from saber.model.adapters.base import REGISTRY
-from tests.tiny_models import HIDDEN, TINY_ARCHS, build_tiny
+from tests.tiny_models import HIDDEN, TINY_ARCHS, load_tiny
 
 # AltUp models mix the (per-channel scaled) normalised input into the stream through LAuReL,
 # so only an axis-aligned direction is exactly preserved by the input norm; see test below.
 AXIS_ALIGNED = {"gemma3n_text"}
 
 
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny")
-    return {arch: build_tiny(arch, root / arch) for arch in TINY_ARCHS}
-
-
-def _load(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _inputs(model: torch.nn.Module, seq: int = 7, batch: int = 2) -> dict[str, torch.Tensor]:
@@ -55,7 +46,7 @@ def _disk_keys(path: Path) -> dict[str, tuple[int, ...]]:
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_writers_exist_with_residual_axis(arch: str, tiny_dirs: dict[str, Path]) -> None:
-    model = _load(tiny_dirs[arch])
+    model = load_tiny(tiny_dirs[arch])
     adapter = get_adapter(model)
     state = model.state_dict()
     writers = adapter.writers(model)
@@ -89,7 +80,7 @@ def test_writers_exist_with_residual_axis(arch: str, tiny_dirs: dict[str, Path])
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_norm_offsets_match_modeling_code(arch: str, tiny_dirs: dict[str, Path]) -> None:
     """The declared gain (offset + weight) equals what the norm module multiplies by."""
-    model = _load(tiny_dirs[arch])
+    model = load_tiny(tiny_dirs[arch])
     x = torch.randn(3, HIDDEN)
     for w in get_adapter(model).writers(model):
         for norm in w.norms:
@@ -102,7 +93,7 @@ def test_norm_offsets_match_modeling_code(arch: str, tiny_dirs: dict[str, Path])
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_writers_map_to_checkpoint_tensors(arch: str, tiny_dirs: dict[str, Path]) -> None:
-    model = _load(tiny_dirs[arch])
+    model = load_tiny(tiny_dirs[arch])
     adapter = get_adapter(model)
     state = model.state_dict()
     disk = _disk_keys(tiny_dirs[arch])
@@ -166,7 +157,7 @@ def test_writer_set_complete_by_zeroing(arch: str, tiny_dirs: dict[str, Path]) -
     embedding projection) would leave a non-zero delta. Gemma 4 multiplies the whole layer
     output by `layer_scalar`, so there the check is out == layer_scalar * in.
     """
-    model = _load(tiny_dirs[arch])
+    model = load_tiny(tiny_dirs[arch])
     adapter = get_adapter(model)
     state = dict(model.named_parameters())
     for layer_idx in range(len(decoder_layers(model))):
@@ -195,7 +186,7 @@ def test_writer_set_complete_by_direction(arch: str, tiny_dirs: dict[str, Path])
     re-introduce v. For Gemma 3n, v is an axis vector, which per-channel input norms and
     AltUp's per-stream scalar mixing keep at exactly zero.
     """
-    model = _load(tiny_dirs[arch])
+    model = load_tiny(tiny_dirs[arch])
     g = torch.Generator().manual_seed(7)
     if arch in AXIS_ALIGNED:
         v = torch.zeros(HIDDEN)
@@ -224,7 +215,7 @@ def test_writer_set_complete_by_direction(arch: str, tiny_dirs: dict[str, Path])
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_layer_output_hidden(arch: str, tiny_dirs: dict[str, Path]) -> None:
-    model = _load(tiny_dirs[arch])
+    model = load_tiny(tiny_dirs[arch])
     captured: list[torch.Tensor] = []
     handles = [
         layer.register_forward_hook(lambda m, a, out: captured.append(layer_output_hidden(model, out)))
@@ -264,7 +255,7 @@ def test_register_custom_adapter() -> None:
 
 def test_square_o_proj_projected_on_output_side(tiny_dirs: dict[str, Path]) -> None:
     """o_proj is square in the tiny llama: the residual axis must still be the output axis."""
-    model = _load(tiny_dirs["llama"])
+    model = load_tiny(tiny_dirs["llama"])
     (w,) = [w for w in get_adapter(model).writers(model) if w.role == "attn_out" and w.layer == 0]
     assert model.state_dict()[w.param].shape == (HIDDEN, HIDDEN)
     assert w.residual_axis == 0

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 import saber.edit.export as export_module
 from saber.edit import (
@@ -27,7 +26,7 @@ from saber.edit import (
 )
 from saber.edit.config import KNOWN_ROLES
 from saber.model.adapters import get_adapter
-from tests.tiny_models import HIDDEN, TINY_ARCHS, build_tiny
+from tests.tiny_models import HIDDEN, TINY_ARCHS, build_tiny, load_tiny
 
 # ---------------------------------------------------------------------------------------------
 # math
@@ -135,14 +134,6 @@ def test_config_validation() -> None:
 # models
 
 
-@pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("tiny_edit")
-    return {arch: build_tiny(arch, root / arch) for arch in TINY_ARCHS}
-
-
-def _load(path: Path) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _ids(batch: int = 2, seq: int = 6) -> torch.Tensor:
@@ -176,7 +167,7 @@ def _write_module(model: torch.nn.Module, writer: Any) -> str:
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_alpha_one_removes_directions_from_every_write(arch: str, tiny_dirs: dict[str, Path]) -> None:
-    model = _load(tiny_dirs[arch])
+    model = load_tiny(tiny_dirs[arch])
     plan = _plan(_n_layers(model))
     cfg = EditConfig(roles=list(KNOWN_ROLES))
     adapter = get_adapter(model)
@@ -207,7 +198,7 @@ def test_alpha_one_removes_directions_from_every_write(arch: str, tiny_dirs: dic
 @pytest.mark.parametrize("arch", [a for a in TINY_ARCHS if a.startswith("gemma")])
 def test_without_sandwich_correction_gemma_leaks(arch: str, tiny_dirs: dict[str, Path]) -> None:
     """Control for the test above: with post-writer norms, plain u = v leaves v in the write."""
-    model = _load(tiny_dirs[arch])
+    model = load_tiny(tiny_dirs[arch])
     adapter = get_adapter(model)
     w = next(w for w in adapter.writers(model) if w.norms and w.role in ("attn_out", "mlp_down"))
     out: list[torch.Tensor] = []
@@ -223,7 +214,7 @@ def test_without_sandwich_correction_gemma_leaks(arch: str, tiny_dirs: dict[str,
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_alpha_zero_and_scope_leave_other_tensors_bit_identical(arch: str, tiny_dirs: dict[str, Path]) -> None:
-    model = _load(tiny_dirs[arch])
+    model = load_tiny(tiny_dirs[arch])
     before = _snapshot(model)
     n = _n_layers(model)
     with apply_plan(model, _plan(n, alphas=(0.0, 0.0)), EditConfig(embedding=True, tied_embeddings="untie")) as h:
@@ -242,7 +233,7 @@ def test_alpha_zero_and_scope_leave_other_tensors_bit_identical(arch: str, tiny_
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_revert_restores_bit_identical(arch: str, tiny_dirs: dict[str, Path]) -> None:
-    model = _load(tiny_dirs[arch])
+    model = load_tiny(tiny_dirs[arch])
     before = _snapshot(model)
     cfg = EditConfig(roles=list(KNOWN_ROLES), embedding=True, tied_embeddings="untie", norm_preserving=True)
     handle = apply_plan(model, _plan(_n_layers(model), alphas=(0.8, 0.4)), cfg)
@@ -257,7 +248,7 @@ def test_revert_restores_bit_identical(arch: str, tiny_dirs: dict[str, Path]) ->
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_norm_preserving_keeps_residual_columns(arch: str, tiny_dirs: dict[str, Path]) -> None:
-    model = _load(tiny_dirs[arch])
+    model = load_tiny(tiny_dirs[arch])
     before = _snapshot(model)
     with apply_plan(model, _plan(_n_layers(model), alphas=(1.0, 0.5)), EditConfig(norm_preserving=True)) as h:
         state = model.state_dict()
@@ -276,12 +267,12 @@ def test_norm_preserving_keeps_residual_columns(arch: str, tiny_dirs: dict[str, 
 def test_streaming_export_matches_memory_and_generates(arch: str, tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
     src = tiny_dirs[arch]
     sums = _checksums(src)
-    model = _load(src)
+    model = load_tiny(src)
     cfg = EditConfig(roles=list(KNOWN_ROLES), embedding=True, tied_embeddings="untie")
     plan = _plan(_n_layers(model), alphas=(0.9, 0.5))
     out = export_edited(src, tmp_path / "edited", plan, cfg, card_extra="## Evaluation\n\nrefusal 0%")
     handle = apply_plan(model, plan, cfg)
-    exported = _load(out)
+    exported = load_tiny(out)
     mem, disk = model.state_dict(), exported.state_dict()
     assert mem.keys() == disk.keys()
     mismatched = [k for k in mem if not torch.equal(mem[k], disk[k])]
@@ -304,13 +295,13 @@ def test_sharded_export_matches_memory(arch: str, tmp_path: Path) -> None:
     src = build_tiny(arch, tmp_path / "src", max_shard_size="40KB")
     assert len(list(src.glob("*.safetensors"))) > 2 and (src / "model.safetensors.index.json").exists()
     sums = _checksums(src)
-    model = _load(src)
+    model = load_tiny(src)
     cfg = EditConfig(embedding=True, tied_embeddings="untie")
     plan = _plan(_n_layers(model))
     out = export_edited(src, tmp_path / "out", plan, cfg)
     assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in src.glob("*.safetensors"))
     apply_plan(model, plan, cfg)
-    mem, disk = model.state_dict(), _load(out).state_dict()
+    mem, disk = model.state_dict(), load_tiny(out).state_dict()
     assert [k for k in mem if not torch.equal(mem[k], disk[k])] == []
     assert _checksums(src) == sums
 
@@ -320,14 +311,14 @@ def test_iterations_and_hydra_style_config(tiny_dirs: dict[str, Path], tmp_path:
     """A list of plans (iterations) exports like successive apply_plan calls; the config may be
     any object or mapping with the edit fields (extra keys such as `export` are ignored)."""
     src = tiny_dirs["gemma3"]
-    model = _load(src)
+    model = load_tiny(src)
     n = _n_layers(model)
     plans = [_plan(n, alphas=(0.9, 0.5)), EditPlan([PlanRow(n - 1, 0, 0, 1.0, "w")], {"w": _unit(HIDDEN, 30)})]
     cfg = {"scope": "all", "roles": ["attn_out", "mlp_down"], "embedding": True, "tied_embeddings": "untie",
            "norm_preserving": False, "sandwich_correction": True, "export": True, "out_dir": None}
     out = export_edited(src, tmp_path / "iter", plans, cfg)
     handles = [apply_plan(model, p, cfg) for p in plans]
-    mem, disk = model.state_dict(), _load(out).state_dict()
+    mem, disk = model.state_dict(), load_tiny(out).state_dict()
     assert [k for k in mem if not torch.equal(mem[k], disk[k])] == []
     assert "| 1 | 0 |" in (out / "README.md").read_text()
     for h in reversed(handles):
@@ -377,7 +368,7 @@ def test_export_refusals_leave_source_untouched(tiny_dirs: dict[str, Path], tmp_
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
 def test_tied_embeddings_refuse_or_untie(arch: str, tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
-    model = _load(tiny_dirs[arch])
+    model = load_tiny(tiny_dirs[arch])
     assert get_adapter(model).embedding(model).tied
     plan = _plan(_n_layers(model))
     before = _snapshot(model)

@@ -302,3 +302,10 @@ def build_tiny(
         model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     build_tokenizer().save_pretrained(out_dir)
     return out_dir
+
+
+def load_tiny(path: Path) -> torch.nn.Module:
+    """A saved tiny model in float32, eval mode (the form every invariant test compares)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
