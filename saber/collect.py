@@ -183,6 +183,40 @@ def collect_activations(
     ).activations
 
 
+class NonFiniteActivationsError(ValueError):
+    """Collected activations hold NaN or Inf; publishing them would poison every later stage."""
+
+
+def check_finite(activations: Mapping[str, torch.Tensor], model: torch.nn.Module | None = None,
+                 dtype: str | None = None) -> None:
+    """Raise NonFiniteActivationsError naming the first layer with NaN/Inf, and why it may be.
+
+    When the model's weights hold non-finite values the error names the first such tensor; the
+    "use float32" hint is given only when the run was not float32 already.
+    """
+    n_layers = next(iter(activations.values())).shape[0]
+    for layer in range(n_layers):
+        bad = {kind: int((~torch.isfinite(acts[layer])).any(dim=-1).sum()) for kind, acts in activations.items()}
+        bad = {kind: n for kind, n in bad.items() if n}
+        if not bad:
+            continue
+        where = ", ".join(f"{n} {kind} prompt position(s)" for kind, n in bad.items())
+        weight = None
+        if model is not None:
+            weight = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+        if weight is not None:
+            hint = (f"the weights themselves hold NaN/Inf (first: tensor {weight!r}); the checkpoint at "
+                    "model.path is damaged: restore or re-download it")
+        elif dtype in ("float16", "bfloat16", "auto", None):
+            hint = f"the weights are finite, so the {dtype or 'model'} forward pass overflows: set model.dtype=float32"
+        else:
+            hint = ("the weights are finite and the run is already float32: the model itself overflows on these "
+                    "prompts; check the checkpoint and lower collect.max_length")
+        raise NonFiniteActivationsError(
+            f"collect: non-finite activations (NaN/Inf) first appear after decoder layer {layer} ({where}); "
+            f"nothing was published. {hint}")
+
+
 # ----------------------------------------------------------------------------- on-disk layout
 
 

@@ -107,7 +107,9 @@ class Pipeline:
                 from saber.organism import OrganismRecipe, build_organism
 
                 recipe = OrganismRecipe.from_mapping(as_plain(self.cfg.model.organism))
-                self._organism_dir = Path(build_organism(recipe, self.cfg.store_root))
+                self._organism_dir = Path(build_organism(
+                    recipe, self.cfg.store_root, source=self.cfg.model.organism_source,
+                    allow_unhealthy=self.cfg.model.allow_unhealthy))
                 self._model_dir = self._organism_dir / "model"
             else:
                 self._model_dir = Path(self.cfg.model.path)
@@ -124,7 +126,9 @@ class Pipeline:
         if self._identity is None:
             path = self.model_dir()
             if self._organism_dir is not None:
-                self._identity = f"organism:{self._organism_dir.name}"
+                from saber.organism.build import organism_identity
+
+                self._identity = organism_identity(self._organism_dir)
             else:
                 self._identity = model_identity(str(path))
         return self._identity

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from saber.config import SaberConfig, register_configs, validate
 from saber.iteration import ANALYSIS_STAGES, IterationLog, run_iterations
+from saber.outputs import guard_run_outputs
 from saber.pipeline import Pipeline, configure_logging
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -48,6 +49,7 @@ def run_pipeline(cfg: SaberConfig, pipeline: Optional[Pipeline] = None) -> RunRe
     unknown = [s for s in cfg.stages if s not in STAGE_ORDER]
     if unknown:
         raise ValueError(f"config key 'stages' names unknown stages {unknown}; valid: {list(STAGE_ORDER)}")
+    guard_run_outputs(cfg, _hydra_run_dir())  # before any model work
     result = RunResult()
     wanted_analysis = [s for s in ANALYSIS_STAGES if s in cfg.stages]
     needs_plans = "edit" in cfg.stages or "evaluate" in cfg.stages
@@ -68,6 +70,10 @@ def run_pipeline(cfg: SaberConfig, pipeline: Optional[Pipeline] = None) -> RunRe
     pipeline.release_model()
     result.wall_time_s = time.perf_counter() - start
     return result
+
+
+def _hydra_run_dir() -> Optional[Path]:
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
 
 
 def add_evaluation_to_card(model_dir: Path, card: Path) -> None:

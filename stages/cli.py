@@ -6,10 +6,12 @@ from pathlib import Path
 from typing import Callable
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from saber.config import register_configs, validate
+from saber.outputs import guard_run_outputs
 from saber.pipeline import Pipeline, configure_logging
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -25,6 +27,8 @@ def stage_main(stage: str) -> Callable[[], None]:
         configure_logging()
         cfg = validate(raw)
         cfg.store_root = to_absolute_path(cfg.store_root)
+        if stage == "edit":
+            guard_run_outputs(cfg, Path(HydraConfig.get().runtime.output_dir))  # before any model work
         pipeline = Pipeline(cfg)
         pipeline.force_stages = {stage} if cfg.force else set()
         artifact = pipeline.ensure(stage, cfg.iteration, build_missing=False)

@@ -72,7 +72,7 @@ def prompt_frame(splits: dict[str, dict[str, Any]]) -> pd.DataFrame:
 
 def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     """Collect activations for every probe prompt and write the collect artifact."""
-    from saber.collect import collect_with_stats, save_activations
+    from saber.collect import check_finite, collect_with_stats, save_activations
 
     cfg = ctx.cfg
     splits = load_probe_splits(cfg.data, ctx.prompt_roots())
@@ -85,6 +85,7 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
         max_batch_size=cfg.collect.max_batch_size, max_length=cfg.collect.max_length,
         system_prompt=cfg.model.system_prompt,
     )
+    check_finite(result.activations, model, cfg.model.dtype)
     for kind in KINDS:
         frame.loc[frame["kind"] == kind, "n_tokens"] = result.n_tokens[kind]
     save_activations(out_dir, result.activations, frame)

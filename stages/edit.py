@@ -7,6 +7,8 @@ the artifact only records the plans, and evaluation applies them in memory.
 
 from __future__ import annotations
 
+import errno
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -25,15 +27,36 @@ def _source_dir(ctx: StageContext) -> Path:
     return Path(snapshot_download(str(path)))
 
 
-def _copy_out(model_dir: Path, out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"edit.out_dir {out_dir} exists; choose another directory or set edit.overwrite=true")
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(model_dir, tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+def _copy_out(ctx: StageContext, model_dir: Path) -> Path:
+    """Copy the export to edit.out_dir atomically; replaces only an earlier SABER export there."""
+    from saber.edit.export import DiskSpaceError, require_space
+    from saber.outputs import export_request, guard_run_outputs, write_marker
+
+    out_dir = guard_run_outputs(ctx.cfg)
+    assert out_dir is not None
+    tmp = out_dir.with_name(f".{out_dir.name}.partial-{secrets.token_hex(4)}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    require_space(out_dir.parent, sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file()),
+                  "edit.out_dir")
+    try:
+        shutil.copytree(model_dir, tmp)
+        write_marker(tmp, export_request(ctx.cfg))
+        if out_dir.exists():
+            trash = out_dir.with_name(f".{out_dir.name}.trash-{secrets.token_hex(4)}")
+            out_dir.rename(trash)
+            tmp.rename(out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out_dir)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DiskSpaceError(errno.ENOSPC, f"edit.out_dir: the disk under {out_dir.parent} filled up while "
+                                 "copying the export; the partial copy was removed. Free space or point "
+                                 "edit.out_dir elsewhere") from exc
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
 
 
 def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
@@ -45,10 +68,9 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     if not ctx.cfg.edit.export:
         return meta
     source = _source_dir(ctx)
-    export_edited(source, out_dir / "model", plans, ctx.cfg.edit, overwrite=False)
+    export_edited(source, out_dir / "model", plans, ctx.cfg.edit, overwrite=False, space_key="store_root")
     if ctx.cfg.edit.out_dir:
-        _copy_out(out_dir / "model", Path(ctx.cfg.edit.out_dir), ctx.cfg.edit.overwrite)
-        meta["copied_to"] = str(ctx.cfg.edit.out_dir)
+        meta["copied_to"] = str(_copy_out(ctx, out_dir / "model"))
     return meta
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,23 +19,10 @@ def _seeded() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="session")
-def organism_session_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A store holding the default organism, trained once per test session (about 3 minutes)."""
-    from saber.organism.testing import default_organism
-
-    root = tmp_path_factory.mktemp("organism-store")
-    torch.set_num_threads(2)
-    default_organism(root)
-    return root
-
-
 @pytest.fixture()
-def organism_store(organism_session_store: Path, tmp_path: Path) -> Path:
-    """A fresh store for one test that already holds the trained default organism."""
-    root = tmp_path / "store"
-    shutil.copytree(organism_session_store / "organism", root / "organism")
-    return root
+def organism_store(tmp_path: Path) -> Path:
+    """A fresh, empty store for one test; the default organism comes from the shipped weights."""
+    return tmp_path / "store"
 
 
 @pytest.fixture(scope="session")

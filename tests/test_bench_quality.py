@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+
 from bench.bench_quality import (FAMILY_COLUMNS, SUMMARY_COLUMNS, compare_at_level, family_rows, goal_checks,
                                  findings, paired_ablation, render_table, select_best, summary_rows)
 
@@ -106,3 +107,30 @@ def test_findings_state_shortfalls() -> None:
     record["points"][3]["metrics"]["refusal_rate"] = 0.10
     text = " ".join(findings([record], [goal_checks(record)]))
     assert "short on default/llama s0 (refusal 0.05, +0.03)" in text
+
+
+def test_organism_failing_its_health_bars_is_not_benchmarked(tmp_path, monkeypatch) -> None:
+    """The gate: an unhealthy organism gets its health table printed and no quality numbers."""
+    from pathlib import Path
+
+    import bench.bench_quality as bq
+
+    organism_dir = Path(tmp_path / "organism")
+    monkeypatch.setattr("saber.organism.build.build_organism", lambda *a, **k: organism_dir)
+    monkeypatch.setattr(bq, "health_verdict", lambda *a, **k: {"passed": False, "report": {},
+                                                                "failed": ["harmless_refusal 0.07 (bar <= 0.05)"]})
+    ran: list[str] = []
+
+    def fake_point(base: list, extra: dict, session: object, method: str, role: str) -> dict:
+        ran.append(role)
+        return {**point(role, 0.0, 0.001, **extra), "n_entangled": 0}
+
+    monkeypatch.setattr(bq, "run_point", fake_point)
+    monkeypatch.setattr(bq, "kernel_search", lambda *a, **k: ([], 0.0))
+    record = bq.bench_organism(bq.ORGANISMS[2], 0, tmp_path / "run", bq.QUICK_GRID)
+    assert ran == [] and record["points"] == [] and record["skipped"]
+    body = bq.render_section([record], [], [], 1.0, 1, "machine")
+    assert "Not benchmarked" in body and "harmless_refusal 0.07" in body
+    # asked explicitly (--allow-unhealthy), it runs the methods (stubbed here) and keeps the verdict
+    record = bq.bench_organism(bq.ORGANISMS[2], 0, tmp_path / "run", bq.QUICK_GRID, allow_unhealthy=True)
+    assert ran[:2] == ["arditi", "saber_default"] and record["points"] and not record["health"]["passed"]

@@ -279,3 +279,30 @@ def test_probe_splits_explicit_heldout_and_overlap_checks(tmp_path: Path) -> Non
     data.harmless = src("harmless", ["harm 1", "ok"])
     with pytest.raises(ValueError, match="share 1 prompt"):
         load_probe_splits(data, {})
+
+
+def test_non_finite_activations_name_the_layer_the_tensor_and_a_fitting_hint(tiny) -> None:
+    from saber.collect import NonFiniteActivationsError, check_finite
+
+    model, tok = tiny("llama")
+    acts = {k: v.clone() for k, v in collect_activations(model, tok, PROMPTS, positions=1, progress=False).items()}
+    check_finite(acts, model, "float32")  # finite: no error
+    acts["harmful"][1, 0, 0, 3] = float("nan")  # planted after layer 1 only
+    with pytest.raises(NonFiniteActivationsError, match="after decoder layer 1 .*already float32") as err:
+        check_finite(acts, model, "float32")
+    assert "model.dtype=float32" not in str(err.value)
+    with pytest.raises(NonFiniteActivationsError, match="set model.dtype=float32"):
+        check_finite(acts, model, "bfloat16")
+    # NaN in a weight of layer 1: the real forward pass produces it from that layer on, and the
+    # error names the tensor instead of suggesting another dtype.
+    name, param = next((n, p) for n, p in model.named_parameters() if ".1." in n and n.endswith("o_proj.weight"))
+    saved = param.detach().clone()
+    try:
+        with torch.no_grad():
+            param[0, 0] = float("nan")
+        acts = collect_activations(model, tok, PROMPTS, positions=1, progress=False)
+        with pytest.raises(NonFiniteActivationsError, match=f"layer 1 .*{name}"):
+            check_finite(acts, model, "float32")
+    finally:
+        with torch.no_grad():
+            param.copy_(saved)

@@ -366,6 +366,32 @@ def test_export_refusals_leave_source_untouched(tiny_dirs: dict[str, Path], tmp_
     assert _checksums(src) == sums
 
 
+def test_full_disk_is_named_before_and_during_export(tiny_dirs: dict[str, Path], tmp_path: Path,
+                                                     monkeypatch: Any) -> None:
+    import errno
+    import shutil as shutil_module
+
+    src = tiny_dirs["llama"]
+    sums = _checksums(src)
+    real_usage = shutil_module.disk_usage
+    monkeypatch.setattr(export_module.shutil, "disk_usage",
+                        lambda p: real_usage(p)._replace(free=1000))  # 1000 bytes left
+    with pytest.raises(export_module.DiskSpaceError, match=r"store_root: .* needs .* GiB .* 0.00 GiB free"):
+        export_edited(src, tmp_path / "out", _plan(3), EditConfig(), space_key="store_root")
+    monkeypatch.undo()
+    real_save = export_module.save_file
+
+    def filling_save(tensors: Any, path: str, **kwargs: Any) -> None:
+        real_save(tensors, path, **kwargs)  # a shard lands partly, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export_module, "save_file", filling_save)
+    with pytest.raises(export_module.DiskSpaceError, match="edit.out_dir: the disk .* filled up"):
+        export_edited(src, tmp_path / "out", _plan(3), EditConfig())
+    assert list(tmp_path.iterdir()) == []  # no partial directory left behind
+    assert _checksums(src) == sums
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
 def test_tied_embeddings_refuse_or_untie(arch: str, tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
     model = load_tiny(tiny_dirs[arch])

@@ -109,6 +109,19 @@ def test_missing_local_path_names_the_key(path: str) -> None:
         load_model(CPU, path)
 
 
+@pytest.mark.parametrize("damage", ["truncate", "header"])
+def test_corrupt_weight_file_is_named(llama_dir: Path, tmp_path: Path, damage: str) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(llama_dir, broken)
+    shard = next(broken.glob("*.safetensors"))
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\xff" * 16 + data[16:])
+    with pytest.raises(ModelLoadError, match=f"model.path = .*broken.*{shard.name} is corrupt or truncated"):
+        load_model(CPU, broken)
+
+
 def test_directory_without_config_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"model\.path.*without config\.json"):
         load_model(CPU, tmp_path)

@@ -64,9 +64,12 @@ class ModelConfig:
     trust_remote_code: bool = False
     system_prompt: Optional[str] = None
     organism: OrganismConfig = field(default_factory=OrganismConfig)  # type: ignore[valid-type]
+    organism_source: str = "auto"
+    allow_unhealthy: bool = False
 
     def __post_init__(self) -> None:
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16", "float16", "auto"))
+        _one_of("model.organism_source", self.organism_source, ("auto", "shipped", "train"))
 
 
 @dataclass

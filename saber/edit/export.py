@@ -7,6 +7,7 @@ place at the end, so a failure leaves nothing half-written; the source is only e
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import uuid
@@ -40,6 +41,24 @@ class _DiskEdit:
 
 class ExportPathError(ValueError):
     """The requested output directory would touch the source or an existing directory."""
+
+
+class DiskSpaceError(OSError):
+    """Not enough free space where an export goes; nothing partial is left behind."""
+
+
+SPACE_MARGIN = 1.02  # free space required before an export, times the source's size
+
+
+def require_space(directory: Path, needed: int, key: str) -> None:
+    """Refuse to start writing `needed` bytes under `directory` when the disk lacks them."""
+    probe = Path(directory)
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed * SPACE_MARGIN:
+        raise DiskSpaceError(errno.ENOSPC, f"{key}: {directory} needs {needed / 2**30:.2f} GiB for the export "
+                             f"but its disk has {free / 2**30:.2f} GiB free; free space or point {key} elsewhere")
 
 
 def _check_paths(src: Path, out: Path, overwrite: bool) -> None:
@@ -186,6 +205,7 @@ def export_edited(
     *,
     overwrite: bool = False,
     card_extra: str = "",
+    space_key: str = "edit.out_dir",
 ) -> Path:
     """Write the edited model to `out_dir` (Hugging Face layout) and return its path.
 
@@ -219,6 +239,7 @@ def export_edited(
         raise ValueError(f"{head_key} is on disk although the config ties it to the embedding")
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    require_space(out.parent, sum(f.stat().st_size for f in src.iterdir() if f.is_file()), space_key)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -250,6 +271,13 @@ def export_edited(
                 (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (tmp / CARD_NAME).write_text(model_card(src, plans, cfg, len(edits), card_extra))
         _publish(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise DiskSpaceError(errno.ENOSPC, f"{space_key}: the disk under {out.parent} filled up during "
+                                 "the export; the partial output was removed. Free space or point "
+                                 f"{space_key} elsewhere") from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -80,6 +80,31 @@ def _check_source(path: Path | str) -> tuple[str, bool]:
     return text, False
 
 
+def check_weight_files(directory: Path | str, key: str = "model.path") -> None:
+    """Open every safetensors header of a local model; a truncated or corrupt file is named.
+
+    Reads only the headers and compares the sizes they declare with the files' (milliseconds),
+    so a damaged checkpoint fails here with its file name instead of deep inside transformers.
+    """
+    import json
+    import struct
+
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        size = f.stat().st_size
+        try:
+            with f.open("rb") as handle:
+                (n,) = struct.unpack("<Q", handle.read(8))
+                if n > size - 8:
+                    raise ValueError(f"header claims {n} bytes but the file has {size}")
+                header = json.loads(handle.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + n + end > size:
+                raise ValueError(f"tensors need {8 + n + end} bytes but the file has {size} (truncated)")
+        except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
+            raise ModelLoadError(f"config key {key} = {str(directory)!r}: weight file {f.name} is corrupt or "
+                                 f"truncated ({exc}); restore or re-download it") from exc
+
+
 def load_tokenizer(source: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Tokenizer with left padding (position -1 is then the last real token) and a pad token."""
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -120,6 +145,8 @@ def load_model(model_cfg: Any, path: Path | str) -> tuple[PreTrainedModel, PreTr
                                  "package; install it, or set model.device_map=null to load onto "
                                  "model.device")
         kwargs["device_map"] = device_map
+    if is_local:
+        check_weight_files(source)
     try:
         tokenizer = load_tokenizer(source, trust_remote_code=trust)
         model = _load_weights(source, kwargs)

@@ -1,7 +1,8 @@
 """The built-in model organism: a small chat model with real, ablatable refusal and a skill.
 
-It is trained on the CPU by the project itself (deterministic, cached in the artifact store by
-recipe fingerprint), so tests, benchmarks and the demo run offline. See docs/ORGANISM.md.
+The project trains it on the CPU and ships the trained default and hard organisms with the
+package (16-bit weights, hash-verified), so tests, benchmarks and the demo see the same model on
+every machine, offline. Any other recipe is trained into the artifact store. See docs/ORGANISM.md.
 """
 
 from saber.organism.build import build_organism, organism_prompt_files
