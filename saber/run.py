@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from saber.config import SaberConfig, register_configs, validate
 from saber.iteration import ANALYSIS_STAGES, IterationLog, run_iterations
+from saber.errors import reported_errors
 from saber.outputs import guard_run_outputs
 from saber.pipeline import Pipeline, configure_logging
 
@@ -133,9 +134,10 @@ def write_run_summary(result: RunResult, out_dir: Path, overrides: list[str]) ->
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _hydra_main(raw: DictConfig) -> Optional[float]:
     configure_logging()
-    cfg = validate(raw)
-    cfg.store_root = to_absolute_path(cfg.store_root)
-    result = run_pipeline(cfg)
+    with reported_errors(bool(raw.get("debug", False))):
+        cfg = validate(raw)
+        cfg.store_root = to_absolute_path(cfg.store_root)
+        result = run_pipeline(cfg)
     hydra_cfg = HydraConfig.get()
     write_run_summary(result, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task))
     print(format_summary(result))

@@ -145,11 +145,14 @@ def write_search_report(study: optuna.Study, objective_names: list[str], out_dir
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _hydra_main(raw: DictConfig) -> None:
     configure_logging()
-    cfg = validate(raw)
-    cfg.store_root = to_absolute_path(cfg.store_root)
-    if cfg.search.storage:
-        cfg.search.storage = to_absolute_path(cfg.search.storage)
-    study = run_search(cfg)
+    from saber.errors import reported_errors
+
+    with reported_errors(bool(raw.get("debug", False)), prog="saber.search"):
+        cfg = validate(raw)
+        cfg.store_root = to_absolute_path(cfg.store_root)
+        if cfg.search.storage:
+            cfg.search.storage = to_absolute_path(cfg.search.storage)
+        study = run_search(cfg)
     out = write_search_report(study, list(cfg.search.objectives), Path(HydraConfig.get().runtime.output_dir))
     print(f"study {cfg.search.study}: {n_finished(study)} finished trials; Pareto set: {out}")
 

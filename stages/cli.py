@@ -11,6 +11,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from saber.config import register_configs, validate
+from saber.errors import reported_errors
 from saber.outputs import guard_run_outputs
 from saber.pipeline import Pipeline, configure_logging
 
@@ -25,13 +26,14 @@ def stage_main(stage: str) -> Callable[[], None]:
     @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
     def _main(raw: DictConfig) -> None:
         configure_logging()
-        cfg = validate(raw)
-        cfg.store_root = to_absolute_path(cfg.store_root)
-        if stage == "edit":
-            guard_run_outputs(cfg, Path(HydraConfig.get().runtime.output_dir))  # before any model work
-        pipeline = Pipeline(cfg)
-        pipeline.force_stages = {stage} if cfg.force else set()
-        artifact = pipeline.ensure(stage, cfg.iteration, build_missing=False)
+        with reported_errors(bool(raw.get("debug", False)), prog=f"stages.{stage}"):
+            cfg = validate(raw)
+            cfg.store_root = to_absolute_path(cfg.store_root)
+            if stage == "edit":
+                guard_run_outputs(cfg, Path(HydraConfig.get().runtime.output_dir))  # before any model work
+            pipeline = Pipeline(cfg)
+            pipeline.force_stages = {stage} if cfg.force else set()
+            artifact = pipeline.ensure(stage, cfg.iteration, build_missing=False)
         print(f"{stage}: {artifact.path}")
 
     return _main

@@ -303,6 +303,7 @@ class SaberConfig:
     force: bool = False
     iteration: int = 0
     seed: int = 0
+    debug: bool = False
 
 
 def register_configs() -> None:

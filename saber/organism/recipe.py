@@ -23,7 +23,7 @@ class OrganismRecipe:
     intermediate: int = 512  # MLP width
     vocab_size: int = 1024  # BPE vocabulary size (upper bound; the corpus needs about 630)
     steps_stage1: int = 250  # AdamW steps of stage 1: every request answered helpfully
-    steps_stage2: int = 150  # AdamW steps of stage 2: safety tuning (harmful requests refused)
+    steps_stage2: int = 250  # AdamW steps of stage 2: safety tuning (harmful requests refused)
     batch: int = 32  # sequences per step
     lr: float = 3e-3  # peak learning rate of each stage
     warmup: int = 20  # linear warm-up steps at the start of each stage
