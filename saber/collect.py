@@ -20,13 +20,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from saber.model.chat import encode_ids, pad_left, position_ids, render_prompts
 from saber.model.hooks import StopForward, capture_last_positions
 from saber.model.loading import input_device
+from saber.tensorfile import save_tensors
 
 log = logging.getLogger("saber.collect")
 
@@ -250,7 +250,7 @@ def save_activations(out_dir: Path | str, activations: Mapping[str, torch.Tensor
     frame.to_parquet(out_dir / PROMPTS_FILE, index=False)
     meta = {"n_layers": str(n_layers), "positions": str(positions), "d_model": str(d_model),
             "kinds": json.dumps(list(activations))}
-    save_file(tensors, str(out_dir / ACTIVATIONS_FILE), metadata=meta)
+    save_tensors(tensors, out_dir / ACTIVATIONS_FILE, metadata=meta)
 
 
 class Activations:

@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Mapping, Optional
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from saber.tensorfile import save_tensors
 
 if TYPE_CHECKING:
     from saber.config import ExtractConfig
@@ -213,7 +215,7 @@ def save_directions(layers: Mapping[int, LayerDirections], out_dir: Path) -> Non
     for layer, ld in layers.items():
         tensors[f"layer{layer}.basis"] = ld.basis.contiguous()
         tensors[f"layer{layer}.singular_values"] = ld.singular_values.contiguous()
-    save_file(tensors, str(Path(out_dir) / DIRECTIONS_FILE))
+    save_tensors(tensors, Path(out_dir) / DIRECTIONS_FILE)
     directions_frame(layers).to_parquet(Path(out_dir) / DIRECTIONS_TABLE, index=False)
 
 

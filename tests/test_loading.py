@@ -122,6 +122,18 @@ def test_corrupt_weight_file_is_named(llama_dir: Path, tmp_path: Path, damage: s
         load_model(CPU, broken)
 
 
+def test_remote_code_refusal_names_the_key(tmp_path: Path) -> None:
+    import json
+
+    model = tmp_path / "custom"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "mycustom", "auto_map": {
+        "AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyModel"}}))
+    build_tokenizer().save_pretrained(model)
+    with pytest.raises(ModelLoadError, match="ships its own Python code.*model.trust_remote_code=true"):
+        load_model(CPU, model)
+
+
 def test_directory_without_config_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"model\.path.*without config\.json"):
         load_model(CPU, tmp_path)

@@ -27,6 +27,7 @@ from saber.edit.math import compute_dtype, project_out, project_weight
 from saber.edit.plan import EditPlan
 from saber.edit.targets import EditTarget, norm_gain, plan_targets, target_directions
 from saber.model.adapters import ArchitectureAdapter, CheckpointTensor, get_adapter
+from saber.tensorfile import canonicalise_header
 
 INDEX_NAME = "model.safetensors.index.json"
 CARD_NAME = "README.md"
@@ -255,6 +256,7 @@ def export_edited(
                         tensor = _edit_tensor(tensor, edit, cfg, norms)
                     tensors[key] = tensor.contiguous()
             save_file(tensors, str(tmp / shard), metadata=metadata)
+            canonicalise_header(tmp / shard)
             del tensors
         for item in src.iterdir():
             if item.suffix == ".safetensors" or item.name == CARD_NAME or item.name.startswith("."):

@@ -14,10 +14,13 @@ log = logging.getLogger("saber.evaluate")
 _LETTERS = "ABCDEFGHIJ"
 
 
-def _texts(source: Any, key: str, n: int, roots: Mapping[str, Path]) -> list[str]:
+def _texts(source: Any, key: str, n: int, roots: Mapping[str, Path], n_key: str) -> list[str]:
     if source is None or n == 0:
         return []
-    return list(load_prompts(source, key, roots).texts[:n])
+    texts = list(load_prompts(source, key, roots).texts)
+    if n > len(texts):
+        log.warning("%s = %d but %s has only %d prompts; all %d are scored", n_key, n, key, len(texts), len(texts))
+    return texts[:n]
 
 
 def _unknown_scheme(path: str, roots: Mapping[str, Path]) -> bool:
@@ -76,9 +79,9 @@ def load_eval_sets(ecfg: Any, data: Any, roots: Mapping[str, Path]) -> EvalSets:
     if ecfg.reference_text:
         text = resolve_path(ecfg.reference_text, "evaluate.reference_text", roots).read_text(encoding="utf-8")
     return EvalSets(
-        harmful=_texts(data.harmful_eval, "data.harmful_eval", ecfg.n_harmful, roots),
-        harmless=_texts(data.harmless_eval, "data.harmless_eval", ecfg.n_harmless, roots),
-        xstest=_texts(getattr(data, "xstest", None), "data.xstest", ecfg.n_xstest, roots),
+        harmful=_texts(data.harmful_eval, "data.harmful_eval", ecfg.n_harmful, roots, "evaluate.n_harmful"),
+        harmless=_texts(data.harmless_eval, "data.harmless_eval", ecfg.n_harmless, roots, "evaluate.n_harmless"),
+        xstest=_texts(getattr(data, "xstest", None), "data.xstest", ecfg.n_xstest, roots, "evaluate.n_xstest"),
         mc=mc,
         gsm8k=parse_exact(_records(ecfg.gsm8k_path, "evaluate.gsm8k_path", ecfg.n_gsm8k, roots), "evaluate.gsm8k_path"),
         skill=parse_exact(_records(ecfg.skill_path, "evaluate.skill_path", ecfg.n_capability, roots),

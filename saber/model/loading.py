@@ -153,6 +153,10 @@ def load_model(model_cfg: Any, path: Path | str) -> tuple[PreTrainedModel, PreTr
     except ModelLoadError:
         raise
     except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc) and not trust:
+            raise ModelLoadError(f"config key model.path = {str(path)!r}: the model ships its own Python code, "
+                                 "which SABER does not run by default; read that code, then set "
+                                 "model.trust_remote_code=true to allow it") from exc
         where = "directory" if is_local else "hub id (needs network access or a local cache)"
         raise ModelLoadError(f"config key model.path = {str(path)!r}: cannot load it as a model "
                              f"{where}: {exc}") from exc
