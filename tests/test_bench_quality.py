@@ -116,7 +116,7 @@ def test_organism_failing_its_health_bars_is_not_benchmarked(tmp_path, monkeypat
     import bench.bench_quality as bq
 
     organism_dir = Path(tmp_path / "organism")
-    monkeypatch.setattr("saber.organism.build.build_organism", lambda *a, **k: organism_dir)
+    monkeypatch.setattr("saber.organism.build_organism", lambda *a, **k: organism_dir)
     monkeypatch.setattr(bq, "health_verdict", lambda *a, **k: {"passed": False, "report": {},
                                                                 "failed": ["harmless_refusal 0.07 (bar <= 0.05)"]})
     ran: list[str] = []
