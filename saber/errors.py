@@ -70,3 +70,11 @@ def reported_errors(debug: bool = False, prog: str = "saber") -> Iterator[None]:
             raise
         print(f"{prog}: error: {exc} (debug=true shows the traceback)", file=sys.stderr)
         raise SystemExit(code) from None
+
+
+def precheck_argv(argv: list[str], prog: str = "saber") -> None:
+    """Check override keys before Hydra composes (unknown keys get a "did you mean")."""
+    from saber.config.overrides import check_override_keys
+
+    with reported_errors("debug=true" in argv, prog=prog):
+        check_override_keys(argv)

@@ -51,6 +51,10 @@ def run_pipeline(cfg: SaberConfig, pipeline: Optional[Pipeline] = None) -> RunRe
     if unknown:
         raise ValueError(f"config key 'stages' names unknown stages {unknown}; valid: {list(STAGE_ORDER)}")
     guard_run_outputs(cfg, _hydra_run_dir())  # before any model work
+    if any(s in cfg.stages for s in ANALYSIS_STAGES):
+        from saber.probes import check_counts, load_probe_splits
+
+        check_counts(cfg, load_probe_splits(cfg.data, pipeline.prompt_roots()))
     result = RunResult()
     wanted_analysis = [s for s in ANALYSIS_STAGES if s in cfg.stages]
     needs_plans = "edit" in cfg.stages or "evaluate" in cfg.stages
@@ -146,6 +150,11 @@ def _hydra_main(raw: DictConfig) -> Optional[float]:
 
 def main() -> None:
     """Console-script entry point (`saber ...`), same as `python -m saber.run ...`."""
+    import sys
+
+    from saber.errors import precheck_argv
+
+    precheck_argv(sys.argv[1:])
     _hydra_main()
 
 

@@ -158,6 +158,11 @@ def _hydra_main(raw: DictConfig) -> None:
 
 
 def main() -> None:
+    import sys
+
+    from saber.errors import precheck_argv
+
+    precheck_argv(sys.argv[1:], prog="saber.search")
     _hydra_main()
 
 

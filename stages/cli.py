@@ -36,4 +36,12 @@ def stage_main(stage: str) -> Callable[[], None]:
             artifact = pipeline.ensure(stage, cfg.iteration, build_missing=False)
         print(f"{stage}: {artifact.path}")
 
-    return _main
+    def entry() -> None:
+        import sys
+
+        from saber.errors import precheck_argv
+
+        precheck_argv(sys.argv[1:], prog=f"stages.{stage}")
+        _main()
+
+    return entry

@@ -43,7 +43,7 @@ def sandbox(tmp_path: Path, tiny_dirs: dict[str, Path]) -> dict[str, Path]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["out_is_model", "out_holds_store", "out_is_foreign", "missing_model",
-                                  "bad_value"])
+                                  "bad_value", "unknown_key", "count_k", "count_m"])
 def test_bad_input_is_one_line_with_its_exit_code_and_touches_nothing(sandbox: dict[str, Path], case: str) -> None:
     root, model = sandbox["root"], sandbox["model"]
     before = tree_sums(root / "models")
@@ -60,6 +60,9 @@ def test_bad_input_is_one_line_with_its_exit_code_and_touches_nothing(sandbox: d
                            "output"),
         "missing_model": (["model.path=/nonexistent/model", "data=default"], "model.path", "model"),
         "bad_value": ([*base, "model.organism_source=download"], "model.organism_source", "config"),
+        "unknown_key": ([*base, "rank.topk=3"], "did you mean rank.top_k", "config"),
+        "count_k": ([*base, "extract.k=5000"], "'extract.k' = 5000", "config"),
+        "count_m": ([*base, "entangle.m=5000"], "'entangle.m' = 5000", "config"),
     }[case]
     result = saber(root, *overrides)
     assert result.returncode == EXIT_CODES[kind], result.stderr[-2000:]
@@ -68,6 +71,7 @@ def test_bad_input_is_one_line_with_its_exit_code_and_touches_nothing(sandbox: d
     assert "Traceback" not in result.stderr
     assert tree_sums(root / "models") == before  # the source model and the sentinel are untouched
     assert (root / "store" / "keep.txt").read_text() == "store file"
+    assert not list((root / "store").glob("*/*/manifest.json"))  # failed before any stage published
     assert (foreign / "notes.txt").read_text() == "mine" and len(list(foreign.iterdir())) == 1
 
 

@@ -252,7 +252,7 @@ def test_collect_stage_publishes_then_hits_cache(tmp_path: Path) -> None:
 
 def test_probe_splits_explicit_heldout_and_overlap_checks(tmp_path: Path) -> None:
     from saber.config.schema import DataConfig, PromptSourceConfig
-    from stages.collect import load_probe_splits, prompt_frame
+    from saber.probes import load_probe_splits, prompt_frame
 
     def src(name: str, texts: list[str]) -> PromptSourceConfig:
         return PromptSourceConfig(path=_write_jsonl(tmp_path / f"{name}.jsonl", texts))
