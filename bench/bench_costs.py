@@ -116,9 +116,10 @@ def compose(*items: str) -> Any:
     from hydra import initialize_config_dir
 
     from saber.config import register_configs, validate
+    from saber.config.paths import CONF_DIR
 
     register_configs()
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return validate(hydra_compose("config", overrides=list(items)))
 
 

@@ -20,12 +20,12 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from saber.config import SaberConfig, register_configs, validate
+from saber.config.paths import CONF_DIR
 from saber.iteration import ANALYSIS_STAGES, IterationLog, run_iterations
 from saber.errors import reported_errors
 from saber.outputs import guard_run_outputs
 from saber.pipeline import Pipeline, configure_logging
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 log = logging.getLogger("saber.run")
 register_configs()

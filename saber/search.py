@@ -23,10 +23,10 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from saber.config import SaberConfig, register_configs, validate
+from saber.config.paths import CONF_DIR
 from saber.pipeline import ModelSession, Pipeline, configure_logging
 from saber.run import objectives, run_pipeline
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("saber.search")
 register_configs()
 

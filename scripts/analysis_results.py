@@ -16,6 +16,7 @@ import pandas as pd
 from hydra import compose, initialize_config_dir
 
 from saber.config import register_configs, validate
+from saber.config.paths import CONF_DIR
 from saber.run import run_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,7 +33,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 def main(overrides: list[str]) -> None:
     register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = validate(compose("config", overrides=["stages=[collect,extract,rank,entangle]", *overrides]))
     art = run_pipeline(cfg).artifacts
     ranking = pd.read_parquet(art["rank"] / "ranking.parquet")

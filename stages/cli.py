@@ -11,11 +11,11 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from saber.config import register_configs, validate
+from saber.config.paths import CONF_DIR
 from saber.errors import reported_errors
 from saber.outputs import guard_run_outputs
 from saber.pipeline import Pipeline, configure_logging
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 register_configs()
 

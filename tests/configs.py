@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from saber.config import SaberConfig
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from saber.config.paths import CONF_DIR
 
 
 def compose_config(*overrides: str) -> SaberConfig:

@@ -61,14 +61,15 @@ class OrganismRecipe:
         return dataclasses.replace(self, **changes)
 
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
 
 
 def load_preset(name: str, conf_dir: Path | None = None) -> OrganismRecipe:
     """The recipe of a Hydra model preset (conf/model/<name>.yaml, key `organism`)."""
     from omegaconf import OmegaConf
 
-    path = (conf_dir or CONF_DIR) / f"{name}.yaml"
+    from saber.config.paths import conf_dir as default_conf_dir
+
+    path = (conf_dir or default_conf_dir() / "model") / f"{name}.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"no organism preset {name!r}: {path} does not exist")
     node = OmegaConf.load(path)
