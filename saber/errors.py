@@ -22,7 +22,7 @@ EXIT_CODES: dict[str, int] = {
     "disk": 7,          # not enough disk space
     "numerics": 8,      # NaN/Inf activations
     "organism": 9,      # a shipped organism changed, or a trained one is unhealthy
-    "edit": 10,         # an edit the model cannot take (tied embeddings, ...)
+    "edit": 10,         # an edit the model or the export format cannot take (tied embeddings, LoRA limits)
 }
 
 
@@ -35,6 +35,7 @@ def _kinds() -> list[tuple[type[BaseException], str]]:
     from saber.directions import ActivationError
     from saber.edit.apply import TiedEmbeddingError
     from saber.edit.export import DiskSpaceError, ExportPathError
+    from saber.edit.lora import LoraUnsupportedError
     from saber.model.loading import ModelLoadError
     from saber.organism.build import UnhealthyOrganismError
     from saber.organism.shipped import OrganismIntegrityError
@@ -48,7 +49,7 @@ def _kinds() -> list[tuple[type[BaseException], str]]:
             (ModelLoadError, "model"), (ArtifactError, "artifact"), (MissingUpstreamError, "artifact"),
             (NonFiniteActivationsError, "numerics"), (ActivationError, "numerics"),
             (OrganismIntegrityError, "organism"), (UnhealthyOrganismError, "organism"),
-            (TiedEmbeddingError, "edit")]
+            (TiedEmbeddingError, "edit"), (LoraUnsupportedError, "edit")]
 
 
 def exit_code(exc: BaseException) -> int | None:

@@ -1,8 +1,10 @@
 """Edit stage: apply every iteration's plan to the base weights and export a new model directory.
 
 The export streams the source checkpoint shard by shard (never the whole model in memory) into
-`<artifact>/model/`; with `edit.out_dir` set it is also copied there. With `edit.export=false`
-the artifact only records the plans, and evaluation applies them in memory.
+`<artifact>/model/` (`edit.export_format=full`), writes the exact LoRA adapter into
+`<artifact>/adapter/` (`lora`), or both; with `edit.out_dir` set it is also copied there (for
+`both`, the adapter lands in `<out_dir>/adapter/`). With `edit.export=false` the artifact only
+records the plans, and evaluation applies them in memory.
 """
 
 from __future__ import annotations
@@ -27,8 +29,11 @@ def _source_dir(ctx: StageContext) -> Path:
     return Path(snapshot_download(str(path)))
 
 
-def _copy_out(ctx: StageContext, model_dir: Path) -> Path:
-    """Copy the export to edit.out_dir atomically; replaces only an earlier SABER export there."""
+def _copy_out(ctx: StageContext, parts: dict[str, Path]) -> Path:
+    """Copy the export to edit.out_dir atomically; replaces only an earlier SABER export there.
+
+    `parts` maps a path inside out_dir ("" for out_dir itself) to the directory copied there.
+    """
     from saber.edit.export import DiskSpaceError, require_space
     from saber.outputs import export_request, guard_run_outputs, write_marker
 
@@ -36,10 +41,11 @@ def _copy_out(ctx: StageContext, model_dir: Path) -> Path:
     assert out_dir is not None
     tmp = out_dir.with_name(f".{out_dir.name}.partial-{secrets.token_hex(4)}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    require_space(out_dir.parent, sum(f.stat().st_size for f in model_dir.iterdir() if f.is_file()),
+    require_space(out_dir.parent, sum(f.stat().st_size for d in parts.values() for f in d.rglob("*") if f.is_file()),
                   "edit.out_dir")
     try:
-        shutil.copytree(model_dir, tmp)
+        for inside, source in sorted(parts.items()):
+            shutil.copytree(source, tmp / inside if inside else tmp, dirs_exist_ok=True)
         write_marker(tmp, export_request(ctx.cfg))
         if out_dir.exists():
             trash = out_dir.with_name(f".{out_dir.name}.trash-{secrets.token_hex(4)}")
@@ -61,6 +67,7 @@ def _copy_out(ctx: StageContext, model_dir: Path) -> Path:
 
 def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     from saber.edit import export_edited, load_plan
+    from saber.edit.lora import export_lora
 
     plans = [load_plan(p.path) for p in ctx.plans]
     meta: dict[str, Any] = {"iterations": len(plans), "plan_rows": [len(p.rows) for p in plans]}
@@ -68,9 +75,17 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     if not ctx.cfg.edit.export:
         return meta
     source = _source_dir(ctx)
-    export_edited(source, out_dir / "model", plans, ctx.cfg.edit, overwrite=False, space_key="store_root")
+    fmt = ctx.cfg.edit.export_format
+    parts: dict[str, Path] = {}
+    if fmt in ("lora", "both"):  # first: an edit LoRA cannot express fails before the long full export
+        adapter = export_lora(source, out_dir / "adapter", plans, ctx.cfg.edit)
+        parts["adapter" if fmt == "both" else ""] = adapter
+        meta["adapter_bytes"] = sum(f.stat().st_size for f in adapter.iterdir())
+    if fmt in ("full", "both"):
+        parts[""] = export_edited(source, out_dir / "model", plans, ctx.cfg.edit, overwrite=False,
+                                  space_key="store_root")
     if ctx.cfg.edit.out_dir:
-        meta["copied_to"] = str(_copy_out(ctx, out_dir / "model"))
+        meta["copied_to"] = str(_copy_out(ctx, parts))
     return meta
 
 

@@ -33,7 +33,8 @@ def reference_config(cfg: Any) -> dict[str, Any]:
     """What the base reference depends on: the model settings and the evaluate and data configs."""
     from saber.config import as_plain
 
-    return {"model": as_plain(cfg.model), "evaluate": as_plain(cfg.evaluate), "data": as_plain(cfg.data)}
+    evaluate = {k: v for k, v in as_plain(cfg.evaluate).items() if k != "adapter"}  # the edited side only
+    return {"model": as_plain(cfg.model), "evaluate": evaluate, "data": as_plain(cfg.data)}
 
 
 def ensure_reference(ctx: StageContext, sets: Any, settings: Any, scorer: Any) -> Any:
@@ -51,6 +52,22 @@ def ensure_reference(ctx: StageContext, sets: Any, settings: Any, scorer: Any) -
         build_ref, force="evaluate" in pipeline.force_stages, command="python -m stages.evaluate",
     )
     return load_reference(art.path)
+
+
+def load_with_adapter(model_cfg: Any, base_dir: Path, adapter: Path) -> tuple[Any, Any]:
+    """The base model with a PEFT LoRA adapter merged in (a fresh load, never the shared session)."""
+    from saber.model.loading import ModelLoadError, load_model
+
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelLoadError(f"config key evaluate.adapter = {str(adapter)!r} is not a PEFT adapter directory "
+                             "(no adapter_config.json)")
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise ModelLoadError("evaluating a LoRA adapter needs the peft package: pip install "
+                             "'saber-abliteration[lora]'") from exc
+    model, tokenizer = load_model(model_cfg, base_dir)
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval(), tokenizer
 
 
 def residual_proxy(ctx: StageContext, model: Any, tokenizer: Any) -> tuple[dict[str, Any] | None, Any]:
@@ -94,7 +111,11 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     scorer = make_scorer(settings)
     reference = ensure_reference(ctx, sets, settings, scorer)
     exported = ctx.upstream["edit"].path / "model"
-    if exported.is_dir():
+    adapter = Path(cfg.evaluate.adapter) if cfg.evaluate.adapter else ctx.upstream["edit"].path / "adapter"
+    if cfg.evaluate.adapter or (adapter.is_dir() and not exported.is_dir()):
+        model, tokenizer = load_with_adapter(cfg.model, ctx.model_dir(), adapter)
+        source = f"adapter:{adapter}" if cfg.evaluate.adapter else "adapter"
+    elif exported.is_dir():
         model, tokenizer = load_model(cfg.model, exported)
         source = "exported"
     else:

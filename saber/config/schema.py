@@ -200,12 +200,16 @@ class EditConfig:
     tied_embeddings: str = "refuse"
     norm_preserving: bool = False
     sandwich_correction: bool = True
+    dtype_compute: str = "float32"
     export: bool = True
+    export_format: str = "full"
     overwrite: bool = False
     out_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
         _one_of("edit.scope", self.scope, ("all", "same", "from_source"))
+        _one_of("edit.dtype_compute", self.dtype_compute, ("float32", "float64"))
+        _one_of("edit.export_format", self.export_format, ("full", "lora", "both"))
         _one_of("edit.tied_embeddings", self.tied_embeddings, ("untie", "refuse"))
         for role in self.roles:
             _one_of("edit.roles", role, KNOWN_ROLES)
@@ -239,6 +243,7 @@ class EvaluateConfig:
     skill_max_new_tokens: int = 8
     residual_proxy: bool = True
     plots: bool = True
+    adapter: Optional[str] = None
 
     def __post_init__(self) -> None:
         _one_of("evaluate.scorer", self.scorer, ("keywords", "prefix", "judge"))

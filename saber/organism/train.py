@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import (AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, PretrainedConfig,
                           PreTrainedTokenizerFast)
 
@@ -126,6 +127,7 @@ def _train(recipe: OrganismRecipe, language: Language, out_dir: Path) -> dict[st
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, betas=(0.9, 0.98),
                             weight_decay=recipe.weight_decay)
     log: dict[str, Any] = {"loss": []}
+    bar = tqdm(total=recipe.steps_stage1 + recipe.steps_stage2, desc="training organism", unit="step")
     for stage, steps in ((1, recipe.steps_stage1), (2, recipe.steps_stage2)):
         requests, skills = stage_pools(language, tok, recipe, stage)
         gen = torch.Generator().manual_seed(recipe.seed * 1000 + stage)
@@ -143,6 +145,9 @@ def _train(recipe: OrganismRecipe, language: Language, out_dir: Path) -> dict[st
             opt.step()
             if step % 25 == 0 or step == steps - 1:
                 log["loss"].append({"stage": stage, "step": step, "loss": round(loss.item(), 5)})
+                bar.set_postfix(stage=stage, loss=f"{loss.item():.3f}", refresh=False)
+            bar.update(1)
+    bar.close()
     log["train_seconds"] = round(time.perf_counter() - t0, 2)
     log["train_cpu_seconds"] = round(time.process_time() - cpu0, 2)
     model.eval()
