@@ -344,14 +344,14 @@ def test_export_refusals_leave_source_untouched(tiny_dirs: dict[str, Path], tmp_
     assert (existing / "keep.txt").read_text() == "x"
 
     calls = {"n": 0}
-    real_save = export_module.save_file
+    real_write = export_module._patch_copy
 
-    def failing_save(*args: Any, **kwargs: Any) -> None:
+    def failing_write(*args: Any, **kwargs: Any) -> None:
         calls["n"] += 1
-        real_save(*args, **kwargs)
+        real_write(*args, **kwargs)  # a shard lands, then the next write fails
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export_module, "save_file", failing_save)
+    monkeypatch.setattr(export_module, "_patch_copy", failing_write)
     with pytest.raises(RuntimeError, match="disk full"):
         export_edited(src, tmp_path / "failed", plan, cfg)
     with pytest.raises(RuntimeError, match="disk full"):
@@ -364,6 +364,21 @@ def test_export_refusals_leave_source_untouched(tiny_dirs: dict[str, Path], tmp_
     out = export_edited(src, existing, plan, cfg, overwrite=True)
     assert not (out / "keep.txt").exists()
     assert _checksums(src) == sums
+
+
+def test_export_without_kernel_range_copy_is_identical(tiny_dirs: dict[str, Path], tmp_path: Path,
+                                                       monkeypatch: Any) -> None:
+    """Where copy_file_range is missing or refused, plain reads and writes give the same files."""
+    import os
+
+    src = tiny_dirs["qwen3"]
+    fast = export_edited(src, tmp_path / "fast", _plan(3), EditConfig())
+    monkeypatch.delattr(os, "copy_file_range", raising=False)
+    monkeypatch.setattr(export_module, "_COPY_CHUNK", 1000)  # many short reads
+    slow = export_edited(src, tmp_path / "slow", _plan(3), EditConfig())
+    for shard in src.glob("*.safetensors"):
+        assert (fast / shard.name).read_bytes() == (slow / shard.name).read_bytes()
+        assert (fast / shard.name).stat().st_size == shard.stat().st_size
 
 
 def test_full_disk_is_named_before_and_during_export(tiny_dirs: dict[str, Path], tmp_path: Path,
@@ -379,13 +394,13 @@ def test_full_disk_is_named_before_and_during_export(tiny_dirs: dict[str, Path],
     with pytest.raises(export_module.DiskSpaceError, match=r"store_root: .* needs .* GiB .* 0.00 GiB free"):
         export_edited(src, tmp_path / "out", _plan(3), EditConfig(), space_key="store_root")
     monkeypatch.undo()
-    real_save = export_module.save_file
+    real_write = export_module._patch_copy
 
-    def filling_save(tensors: Any, path: str, **kwargs: Any) -> None:
-        real_save(tensors, path, **kwargs)  # a shard lands partly, then the disk is full
+    def filling_write(*args: Any, **kwargs: Any) -> None:
+        real_write(*args, **kwargs)  # a shard lands, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(export_module, "save_file", filling_save)
+    monkeypatch.setattr(export_module, "_patch_copy", filling_write)
     with pytest.raises(export_module.DiskSpaceError, match="edit.out_dir: the disk .* filled up"):
         export_edited(src, tmp_path / "out", _plan(3), EditConfig())
     assert list(tmp_path.iterdir()) == []  # no partial directory left behind

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -149,6 +150,77 @@ def _edit_tensor(tensor: torch.Tensor, edit: _DiskEdit, cfg: EditConfig, norms: 
     )
 
 
+def _apply_edits(tensor: torch.Tensor, edits: list[_DiskEdit], cfg: EditConfig, norms: _NormReader) -> torch.Tensor:
+    """Every plan's edit of one on-disk tensor, in plan order (cast back after each, like apply_plan)."""
+    for edit in edits:
+        tensor = _edit_tensor(tensor, edit, cfg, norms)
+    return tensor
+
+
+_COPY_CHUNK = 64 << 20  # bytes per read/write when the kernel cannot copy a range itself
+
+
+def _copy_range(fin: int, fout: int, src_off: int, dst_off: int, n: int) -> None:
+    """Copy n bytes between file descriptors at explicit offsets (copy_file_range where available)."""
+    done = 0
+    use_kernel = hasattr(os, "copy_file_range")
+    while done < n:
+        if use_kernel:
+            try:
+                step = os.copy_file_range(fin, fout, n - done, src_off + done, dst_off + done)
+            except OSError:  # another filesystem or kernel: plain reads and writes
+                use_kernel = False
+                continue
+            if step == 0:
+                use_kernel = False
+                continue
+        else:
+            data = os.pread(fin, min(_COPY_CHUNK, n - done), src_off + done)
+            if not data:
+                raise OSError(errno.EIO, f"unexpected end of file after {src_off + done} bytes")
+            step = _pwrite_all(fout, data, dst_off + done)
+        done += step
+
+
+def _pwrite_all(fd: int, data: Any, offset: int) -> int:
+    view = memoryview(data).cast("B")
+    written = 0
+    while written < len(view):
+        written += os.pwrite(fd, view[written:], offset + written)
+    return written
+
+
+def _patch_copy(src: Path, dst: Path, edited: dict[str, Any]) -> None:
+    """Write dst as src byte for byte, except the named tensors, recomputed by edited[name](tensor).
+
+    An edit keeps dtype and shape, so every offset stays; the header is the source's own. Unedited
+    bytes never pass through Python (copy_file_range), which brings the export close to a plain
+    copy. The output holds exactly the tensors that rewriting the shard with save_file would.
+    """
+    import struct
+
+    with src.open("rb") as fin_file:
+        (n,) = struct.unpack("<Q", fin_file.read(8))
+        header = json.loads(fin_file.read(n))
+    data_start = 8 + n
+    spans = sorted((tuple(v["data_offsets"]), k) for k, v in header.items() if k != "__metadata__")
+    size = src.stat().st_size
+    with src.open("rb") as fin, dst.open("wb") as fout, safe_open(str(src), framework="pt") as f:
+        pos = 0  # bytes of the file written so far
+        for (start, end), key in spans:
+            if key not in edited:
+                continue
+            _copy_range(fin.fileno(), fout.fileno(), pos, pos, data_start + start - pos)
+            tensor = edited[key](f.get_tensor(key)).contiguous()
+            raw = tensor.view(torch.uint8).numpy() if tensor.numel() else b""
+            if len(memoryview(raw).cast("B")) != end - start:
+                raise ValueError(f"edit of {key} in {src.name} changed its size; expected {end - start} bytes")
+            _pwrite_all(fout.fileno(), raw, data_start + start)
+            pos = data_start + end
+        _copy_range(fin.fileno(), fout.fileno(), pos, pos, size - pos)
+        fout.truncate(size)
+
+
 def _untie_config(path: Path) -> None:
     config = json.loads(path.read_text())
     config["tie_word_embeddings"] = False
@@ -245,6 +317,12 @@ def export_edited(
     tmp.mkdir()
     try:
         for shard in sorted(set(keys.values())):
+            shard_edits = {k: v for k, v in edits.items() if keys.get(k) == shard}
+            if embed_key is None or keys.get(embed_key) != shard:
+                # the layout stays: copy the file's bytes, recompute only the edited tensors in place
+                _patch_copy(src / shard, tmp / shard,
+                            {k: (lambda t, es=es: _apply_edits(t, es, cfg, norms)) for k, es in shard_edits.items()})
+                continue
             tensors: dict[str, torch.Tensor] = {}
             with safe_open(str(src / shard), framework="pt") as f:
                 metadata = f.metadata() or {"format": "pt"}
@@ -252,9 +330,7 @@ def export_edited(
                     tensor = f.get_tensor(key)
                     if key == embed_key:
                         tensors[head_key] = tensor.clone()  # type: ignore[index]
-                    for edit in edits.get(key, []):
-                        tensor = _edit_tensor(tensor, edit, cfg, norms)
-                    tensors[key] = tensor.contiguous()
+                    tensors[key] = _apply_edits(tensor, edits.get(key, []), cfg, norms).contiguous()
             save_file(tensors, str(tmp / shard), metadata=metadata)
             canonicalise_header(tmp / shard)
             del tensors
