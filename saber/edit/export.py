@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -190,7 +191,7 @@ def _pwrite_all(fd: int, data: Any, offset: int) -> int:
     return written
 
 
-def _patch_copy(src: Path, dst: Path, edited: dict[str, Any]) -> None:
+def _patch_copy(src: Path, dst: Path, edited: dict[str, Any], timings: dict[str, float] | None = None) -> None:
     """Write dst as src byte for byte, except the named tensors, recomputed by edited[name](tensor).
 
     An edit keeps dtype and shape, so every offset stays; the header is the source's own. Unedited
@@ -205,20 +206,36 @@ def _patch_copy(src: Path, dst: Path, edited: dict[str, Any]) -> None:
     data_start = 8 + n
     spans = sorted((tuple(v["data_offsets"]), k) for k, v in header.items() if k != "__metadata__")
     size = src.stat().st_size
+    clock = timings if timings is not None else {}
+    tick = time.perf_counter
+
+    def timed(phase: str, t0: float) -> float:
+        now = tick()
+        clock[phase] = clock.get(phase, 0.0) + now - t0
+        return now
+
     with src.open("rb") as fin, dst.open("wb") as fout, safe_open(str(src), framework="pt") as f:
         pos = 0  # bytes of the file written so far
         for (start, end), key in spans:
             if key not in edited:
                 continue
+            t = tick()
             _copy_range(fin.fileno(), fout.fileno(), pos, pos, data_start + start - pos)
-            tensor = edited[key](f.get_tensor(key)).contiguous()
+            t = timed("copy_unedited_s", t)
+            tensor = f.get_tensor(key)
+            t = timed("read_edited_s", t)
+            tensor = edited[key](tensor).contiguous()
+            t = timed("compute_s", t)
             raw = tensor.view(torch.uint8).numpy() if tensor.numel() else b""
             if len(memoryview(raw).cast("B")) != end - start:
                 raise ValueError(f"edit of {key} in {src.name} changed its size; expected {end - start} bytes")
             _pwrite_all(fout.fileno(), raw, data_start + start)
+            timed("write_edited_s", t)
             pos = data_start + end
+        t = tick()
         _copy_range(fin.fileno(), fout.fileno(), pos, pos, size - pos)
         fout.truncate(size)
+        timed("copy_unedited_s", t)
 
 
 def _untie_config(path: Path) -> None:
@@ -279,6 +296,7 @@ def export_edited(
     overwrite: bool = False,
     card_extra: str = "",
     space_key: str = "edit.out_dir",
+    timings: dict[str, float] | None = None,
 ) -> Path:
     """Write the edited model to `out_dir` (Hugging Face layout) and return its path.
 
@@ -321,7 +339,8 @@ def export_edited(
             if embed_key is None or keys.get(embed_key) != shard:
                 # the layout stays: copy the file's bytes, recompute only the edited tensors in place
                 _patch_copy(src / shard, tmp / shard,
-                            {k: (lambda t, es=es: _apply_edits(t, es, cfg, norms)) for k, es in shard_edits.items()})
+                            {k: (lambda t, es=es: _apply_edits(t, es, cfg, norms)) for k, es in shard_edits.items()},
+                            timings)
                 continue
             tensors: dict[str, torch.Tensor] = {}
             with safe_open(str(src / shard), framework="pt") as f:
