@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.report import cpu_name, update_section
+from bench.report import cpu_name, publish
 from saber.model.identity import SAMPLE_BYTES, SAMPLES_PER_FILE, model_identity
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,12 +95,4 @@ def main(argv: list[str]) -> None:
         "artifacts are not reused for other weights; a change confined to the bytes between samples is "
         "not seen (use force=true).",
     ])
-    print(body)
-    if not args.no_write:
-        update_section(DOC, TITLE, body)
-
-
-if __name__ == "__main__":
-    import sys
-
-    main(sys.argv[1:])
+    publish(TITLE, body, write=not args.no_write, path=DOC)

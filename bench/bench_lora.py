@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from bench.bench_edit_stream import SCALES, bench_plan, llama_config, write_checkpoint
-from bench.report import cpu_name, update_section
+from bench.report import cpu_name, publish
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "BENCHMARKS.md"
@@ -80,12 +80,4 @@ def main(argv: list[str]) -> None:
         "factors; PEFT's `PeftModel.from_pretrained(base, adapter)` reproduces the full export's logits "
         "(tests/test_lora.py).",
     ])
-    print(body)
-    if not args.no_write:
-        update_section(DOC, TITLE, body)
-
-
-if __name__ == "__main__":
-    import sys
-
-    main(sys.argv[1:])
+    publish(TITLE, body, write=not args.no_write, path=DOC)

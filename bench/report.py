@@ -29,3 +29,10 @@ def update_section(path: Path, title: str, body: str) -> None:
     else:
         new = lines + ["", head, "", body]
     path.write_text("\n".join(new).rstrip("\n") + "\n")
+
+
+def publish(title: str, body: str, write: bool, path: Path | None = None) -> None:
+    """Print a benchmark's section and, unless told not to, replace it in docs/BENCHMARKS.md."""
+    print(body)
+    if write:
+        update_section(path or Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md", title, body)
