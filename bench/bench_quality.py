@@ -666,7 +666,7 @@ def plot(records: Sequence[dict[str, Any]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families = [s.family for s in ORGANISMS if any(r["organism"] == s.family for r in records)]
+    families = [s.family for s in ORGANISMS if any(r["organism"] == s.family and r["points"] for r in records)]
     if not families:
         return
     style = {"saber_sweep": ("tab:blue", "o", "SABER sweep"), "saber_default": ("navy", "X", "SABER default"),
