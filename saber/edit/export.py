@@ -195,8 +195,9 @@ def _patch_copy(src: Path, dst: Path, edited: dict[str, Any], timings: dict[str,
     """Write dst as src byte for byte, except the named tensors, recomputed by edited[name](tensor).
 
     An edit keeps dtype and shape, so every offset stays; the header is the source's own. Unedited
-    bytes never pass through Python (copy_file_range), which brings the export close to a plain
-    copy. The output holds exactly the tensors that rewriting the shard with save_file would.
+    bytes never pass through Python (copy_file_range) and are copied on a second thread while the
+    edited tensors are recomputed, which brings the export close to a plain copy. The output holds
+    exactly the tensors that rewriting the shard with save_file would.
     """
     import struct
 
@@ -214,28 +215,41 @@ def _patch_copy(src: Path, dst: Path, edited: dict[str, Any], timings: dict[str,
         clock[phase] = clock.get(phase, 0.0) + now - t0
         return now
 
-    with src.open("rb") as fin, dst.open("wb") as fout, safe_open(str(src), framework="pt") as f:
-        pos = 0  # bytes of the file written so far
-        for (start, end), key in spans:
-            if key not in edited:
-                continue
+    edited_spans = [(data_start + start, data_start + end, key) for (start, end), key in spans if key in edited]
+    gaps, pos = [], 0  # unedited byte ranges (header included), copied while the edits compute
+    for lo, hi, _ in edited_spans:
+        if lo > pos:
+            gaps.append((pos, lo - pos))
+        pos = hi
+    if size > pos:
+        gaps.append((pos, size - pos))
+    from concurrent.futures import ThreadPoolExecutor
+
+    with src.open("rb") as fin, dst.open("wb") as fout, safe_open(str(src), framework="pt") as f, \
+            ThreadPoolExecutor(max_workers=1) as pool:
+
+        def copy_gaps() -> float:
+            t0 = tick()
+            for offset, length in gaps:
+                _copy_range(fin.fileno(), fout.fileno(), offset, offset, length)
+            return tick() - t0
+
+        copying = pool.submit(copy_gaps)  # kernel copies release the GIL: I/O overlaps the arithmetic
+        for lo, hi, key in edited_spans:
             t = tick()
-            _copy_range(fin.fileno(), fout.fileno(), pos, pos, data_start + start - pos)
-            t = timed("copy_unedited_s", t)
             tensor = f.get_tensor(key)
             t = timed("read_edited_s", t)
             tensor = edited[key](tensor).contiguous()
             t = timed("compute_s", t)
             raw = tensor.view(torch.uint8).numpy() if tensor.numel() else b""
-            if len(memoryview(raw).cast("B")) != end - start:
-                raise ValueError(f"edit of {key} in {src.name} changed its size; expected {end - start} bytes")
-            _pwrite_all(fout.fileno(), raw, data_start + start)
+            if len(memoryview(raw).cast("B")) != hi - lo:
+                raise ValueError(f"edit of {key} in {src.name} changed its size; expected {hi - lo} bytes")
+            _pwrite_all(fout.fileno(), raw, lo)
             timed("write_edited_s", t)
-            pos = data_start + end
         t = tick()
-        _copy_range(fin.fileno(), fout.fileno(), pos, pos, size - pos)
+        clock["copy_unedited_s"] = clock.get("copy_unedited_s", 0.0) + copying.result()
+        timed("wait_for_copy_s", t)
         fout.truncate(size)
-        timed("copy_unedited_s", t)
 
 
 def _untie_config(path: Path) -> None:
