@@ -19,7 +19,8 @@ def _pyplot():  # type: ignore[no-untyped-def]
 
 def fdr_heatmap(ranking: pd.DataFrame, path: Path,
                 title: str = "FDR (held-out) per layer and direction") -> Path:
-    """Layer x direction heat map of FDR, selected pairs outlined; written to `path`."""
+    """Layer x direction heat map of FDR, selected pairs outlined, corrected p-values written in
+    (grey: not significant); written to `path`."""
     plt = _pyplot()
     layers = sorted(ranking["layer"].unique())
     k = int(ranking["index"].max()) + 1
@@ -32,6 +33,10 @@ def fdr_heatmap(ranking: pd.DataFrame, path: Path,
     for rec in ranking[ranking["selected"]].to_dict("records"):
         ax.add_patch(plt.Rectangle((int(rec["index"]) - 0.5, row_of[rec["layer"]] - 0.5), 1, 1,
                                    fill=False, edgecolor="red", linewidth=1.5))
+    if "p_adjusted" in ranking:  # corrected permutation p-value in every cell
+        for rec in ranking.to_dict("records"):
+            ax.text(int(rec["index"]), row_of[rec["layer"]], f"p={rec['p_adjusted']:.2g}", ha="center", va="center",
+                    fontsize=6, color="white" if rec.get("significant", True) else "0.6")
     ax.set_xticks(range(k))
     ax.set_yticks(range(len(layers)), [str(l) for l in layers])
     ax.set_xlabel("direction index")

@@ -6,6 +6,12 @@ are fitted on the fit split, so scores are computed on the held-out split: a dir
 separates the fit prompts by chance (many dimensions, few prompts) scores near 0 there.
 ROC AUC (probability that a random harmful prompt projects higher than a random harmless one)
 is reported next to FDR; it ignores scale and is robust to outliers.
+
+Significance: with many (layer, direction) pairs and ~100 held-out prompts, noise directions
+reach small positive FDRs. Each pair's held-out FDR is compared with its permutation null
+(harmful/harmless labels shuffled among the held-out projections): p = (1 + #{FDR_perm >=
+FDR}) / (1 + n_perm), then Holm-corrected over every pair tested. Only pairs with corrected
+p <= rank.significance are eligible for selection; rank.top_k is an upper bound.
 """
 
 from __future__ import annotations
@@ -24,7 +30,40 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("saber.ranking")
 RANKING_TABLE = "ranking.parquet"
-SCORE_COLUMNS = ["layer", "index", "fdr", "auc"]
+SCORE_COLUMNS = ["layer", "index", "fdr", "auc", "p_value"]
+_PERM_CHUNK = 256  # permutations evaluated per vectorised step, count
+
+
+def permutation_pvalues(hp: np.ndarray, ap: np.ndarray, eps: float, n_perm: int, seed: int) -> np.ndarray:
+    """Per row of the projections [k, n_h] and [k, n_a]: p-value of its FDR under shuffled labels."""
+    pooled = np.concatenate([hp, ap], axis=1).astype(np.float64)
+    n_h, n = hp.shape[1], pooled.shape[1]
+    observed = fdr(hp, ap, eps)
+    rng = np.random.default_rng(seed)
+    exceed = np.zeros(pooled.shape[0])
+    for start in range(0, n_perm, _PERM_CHUNK):
+        m = min(_PERM_CHUNK, n_perm - start)
+        order = np.argsort(rng.random((m, n)), axis=1)  # m label shuffles
+        perm = pooled[:, order]  # [k, m, n]
+        null = fdr(perm[..., :n_h], perm[..., n_h:], eps)  # [k, m]
+        exceed += (null >= observed[:, None] * (1 - 1e-12)).sum(axis=1)
+    return (1.0 + exceed) / (1.0 + n_perm)
+
+
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (family-wise error over every pair tested)."""
+    p = np.asarray(p, dtype=np.float64)
+    m = len(p)
+    order = np.argsort(p, kind="stable")
+    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out = np.empty(m)
+    out[order] = adjusted
+    return out
+
+
+def permutations_needed(n_pairs: int, significance: float, floor: int) -> int:
+    """Enough shuffles that the best possible corrected p-value is at most half the level."""
+    return max(floor, int(np.ceil(2.0 * n_pairs / significance)) - 1) if significance < 1.0 else 0
 
 
 def fdr(h_proj: np.ndarray, a_proj: np.ndarray, eps: float) -> np.ndarray:
@@ -44,8 +83,9 @@ def auc(h_proj: np.ndarray, a_proj: np.ndarray) -> float:
 
 
 def score_layer(h: torch.Tensor, a: torch.Tensor, basis: torch.Tensor, *, eps: float,
-                layer: int = -1, split: str = "heldout") -> pd.DataFrame:
-    """FDR and AUC of every row of `basis` [k, d] on activations H [n_h, d], A [n_a, d]."""
+                layer: int = -1, split: str = "heldout", n_permutations: int = 0, seed: int = 0) -> pd.DataFrame:
+    """FDR, AUC and permutation p-value (NaN without permutations) of every row of `basis` [k, d]
+    on activations H [n_h, d], A [n_a, d]."""
     h64 = check_activations(h, layer=layer, kind="harmful", split=split, min_rows=2)
     a64 = check_activations(a, layer=layer, kind="harmless", split=split, min_rows=2)
     b = basis.detach().to(torch.float64)
@@ -61,21 +101,31 @@ def score_layer(h: torch.Tensor, a: torch.Tensor, basis: torch.Tensor, *, eps: f
                               f"on directions {bad} are constant; the activations do not vary "
                               "across prompts, so FDR is undefined")
     scores = fdr(hp, ap, eps)
+    p = (permutation_pvalues(hp, ap, eps, n_permutations, seed + 7919 * (layer + 1)) if n_permutations
+         else np.full(b.shape[0], np.nan))
     return pd.DataFrame({
         "layer": layer, "index": np.arange(b.shape[0]),
-        "fdr": scores, "auc": [auc(hp[i], ap[i]) for i in range(b.shape[0])],
+        "fdr": scores, "auc": [auc(hp[i], ap[i]) for i in range(b.shape[0])], "p_value": p,
     })
 
 
 def score_pairs(heldout: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
-                bases: Mapping[int, torch.Tensor], *, eps: float,
-                split: str = "heldout") -> pd.DataFrame:
-    """FDR and AUC for every (layer, direction); `heldout[layer] = (H, A)`."""
+                bases: Mapping[int, torch.Tensor], *, eps: float, split: str = "heldout",
+                significance: float = 1.0, n_permutations: int = 0, seed: int = 0) -> pd.DataFrame:
+    """FDR, AUC and permutation p-values for every (layer, direction); `heldout[layer] = (H, A)`.
+
+    With significance < 1 the shuffles are raised to `permutations_needed` for the number of pairs.
+    """
     missing = sorted(set(bases) - set(heldout))
     if missing:
         raise ActivationError(f"no {split} activations for layers {missing} that have directions")
-    frames = [score_layer(*heldout[l], bases[l], eps=eps, layer=l, split=split) for l in sorted(bases)]
-    return pd.concat(frames, ignore_index=True)
+    n_pairs = sum(int(b.shape[0]) for b in bases.values())
+    n_perm = permutations_needed(n_pairs, significance, n_permutations) if significance < 1.0 else n_permutations
+    frames = [score_layer(*heldout[l], bases[l], eps=eps, layer=l, split=split, n_permutations=n_perm, seed=seed)
+              for l in sorted(bases)]
+    out = pd.concat(frames, ignore_index=True)
+    out.attrs["n_permutations"] = n_perm
+    return out
 
 
 def relative_depth(layer: np.ndarray | int, n_layers: int) -> np.ndarray:
@@ -106,6 +156,19 @@ def select(scores: pd.DataFrame, cfg: "RankConfig", n_layers: int,
     if not eligible.any():
         raise ValueError(f"rank.depth_min = {cfg.depth_min} and rank.depth_max = {cfg.depth_max} "
                          f"leave no layer of {n_layers} eligible; widen the depth window")
+    p = out["p_value"].to_numpy(dtype=np.float64) if "p_value" in out else np.full(len(out), np.nan)
+    out["p_value"] = p
+    out["p_adjusted"] = holm(p) if np.isfinite(p).all() else p
+    out["significant"] = out["p_adjusted"].to_numpy() <= cfg.significance if np.isfinite(p).all() else True
+    if cfg.significance < 1.0 and np.isfinite(p).all():
+        if not (eligible & out["significant"].to_numpy()).any():
+            best = next(i for i in order if eligible[i])
+            log.warning("no (layer, direction) pair beats its permutation null at rank.significance = %g "
+                        "(best corrected p %.3g); keeping only the best pair, layer %d direction %d",
+                        cfg.significance, float(out["p_adjusted"][eligible].min()),
+                        int(out["layer"][best]), int(out["index"][best]))
+            out.loc[best, "significant"] = True
+        eligible = eligible & out["significant"].to_numpy()
     chosen = np.zeros(len(out), dtype=bool)
     if cfg.strategy == "global_topk":
         ranked = [i for i in order if eligible[i]]
@@ -127,4 +190,4 @@ def select(scores: pd.DataFrame, cfg: "RankConfig", n_layers: int,
     else:
         raise ValueError(f"rank.strategy = {cfg.strategy!r}; use global_topk, layer_topk, threshold or all")
     out["selected"] = chosen
-    return out[["layer", "index", "fdr", "auc", "score", "rank", "selected"]]
+    return out[["layer", "index", "fdr", "auc", "p_value", "p_adjusted", "significant", "score", "rank", "selected"]]

@@ -24,7 +24,9 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     directions = load_directions(ctx.upstream["extract"].path)
     bases = {l: d.basis for l, d in directions.items()}
     heldout = {l: (acts.get(l, "harmful", "heldout"), acts.get(l, "harmless", "heldout")) for l in bases}
-    scores = score_pairs(heldout, bases, eps=ctx.cfg.rank.eps, split="heldout")
+    rcfg = ctx.cfg.rank
+    scores = score_pairs(heldout, bases, eps=rcfg.eps, split="heldout", significance=rcfg.significance,
+                         n_permutations=rcfg.n_permutations, seed=rcfg.seed)
     purity = None
     if ctx.cfg.rank.score == "fdr_purity":
         subspaces = capability_subspaces(acts, sorted(bases), ctx.cfg.entangle.m, split="fit")
@@ -34,6 +36,7 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     fdr_heatmap(ranking, out_dir / "fdr_heatmap.png")
     best = ranking.sort_values("rank").iloc[0]
     return {"selected": int(ranking["selected"].sum()), "pairs": len(ranking),
+            "significant": int(ranking["significant"].sum()), "n_permutations": scores.attrs.get("n_permutations", 0),
             "best": {"layer": int(best["layer"]), "index": int(best["index"]), "fdr": float(best["fdr"])}}
 
 

@@ -111,7 +111,8 @@ def test_global_topk_selects_best_pairs_and_ranks_all() -> None:
     assert _chosen(out) == set(map(tuple, best4[["layer", "index"]].to_numpy().tolist()))
     assert sorted(out["rank"]) == list(range(1, 16))
     assert (out.sort_values("rank")["score"].diff().dropna() <= 0).all()
-    assert list(out.columns) == ["layer", "index", "fdr", "auc", "score", "rank", "selected"]
+    assert list(out.columns) == ["layer", "index", "fdr", "auc", "p_value", "p_adjusted", "significant", "score",
+                                 "rank", "selected"]
 
 
 def test_layer_topk_keeps_all_directions_of_best_layers() -> None:
@@ -191,3 +192,59 @@ def test_degenerate_heldout_sets() -> None:
         score_layer(const, const.clone(), p.u.T.float(), eps=1e-8, layer=1)
     with pytest.raises(ActivationError, match=r"no heldout activations for layers \[4\]"):
         score_pairs({1: (h, a)}, {1: p.u.T.float(), 4: p.u.T.float()}, eps=1e-8)
+
+
+# ---- significance -------------------------------------------------------------------------------
+def test_planted_direction_beats_the_permutation_null_and_noise_does_not() -> None:
+    rng = np.random.default_rng(5)
+    n, d = 96, 32
+    shift = np.zeros(d)
+    shift[0] = 1.0  # harmful prompts sit one noise sd further along axis 0, nowhere else
+    h = torch.tensor(rng.normal(size=(n, d)) + shift)
+    a = torch.tensor(rng.normal(size=(n, d)))
+    basis = torch.eye(d)[:8]  # direction 0 is the planted one, 1..7 are pure noise
+    table = score_pairs({3: (h, a)}, {3: basis}, eps=1e-8, significance=0.05, n_permutations=1000, seed=0)
+    assert table.attrs["n_permutations"] >= 1000
+    out = select(table, RankConfig(strategy="global_topk", top_k=8, significance=0.05), n_layers=4)
+    assert out.loc[out["index"] == 0, "significant"].item() and out.loc[out["index"] == 0, "selected"].item()
+    # noise: FDR around 1/n, corrected p far above 5%; top_k = 8 is only an upper bound
+    assert not out.loc[out["index"] > 0, "significant"].any()
+    assert int(out["selected"].sum()) == 1
+
+
+def test_null_p_values_are_uniform() -> None:
+    """Under no effect, about 5% of uncorrected p-values fall at or below 0.05.
+
+    400 pure-noise directions: the count at or below 0.05 is Binomial(400, 0.05), mean 20, sd 4.4;
+    the bounds 8..34 hold with probability > 0.998.
+    """
+    from saber.ranking import permutation_pvalues
+
+    rng = np.random.default_rng(7)
+    hp, ap = rng.normal(size=(400, 40)), rng.normal(size=(400, 50))
+    p = permutation_pvalues(hp, ap, 1e-8, 499, seed=1)
+    assert p.min() >= 1 / 500 and p.max() <= 1.0
+    assert 8 <= int((p <= 0.05).sum()) <= 34
+
+
+def test_holm_matches_hand_computed_values() -> None:
+    from saber.ranking import holm
+
+    p = np.array([0.01, 0.04, 0.03, 0.005])
+    # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.02, 0.03, 0.06, 0.06
+    np.testing.assert_allclose(holm(p), [0.03, 0.06, 0.06, 0.02])
+
+
+def test_enough_permutations_for_many_pairs_and_fallback_to_the_best_pair(caplog: pytest.LogCaptureFixture) -> None:
+    from saber.ranking import permutations_needed
+
+    # 128 pairs at 5%: the smallest corrected p is 128 / (n + 1), so n must reach 2 * 128 / 0.05 - 1
+    assert permutations_needed(128, 0.05, 2000) == 5119 and permutations_needed(4, 0.05, 2000) == 2000
+    assert permutations_needed(10, 1.0, 2000) == 0
+    rng = np.random.default_rng(3)
+    h, a = torch.tensor(rng.normal(size=(40, 8))), torch.tensor(rng.normal(size=(40, 8)))
+    table = score_pairs({0: (h, a)}, {0: torch.eye(8)[:4]}, eps=1e-8, significance=0.05, n_permutations=200)
+    with caplog.at_level("WARNING"):
+        out = select(table, RankConfig(strategy="global_topk", top_k=3, significance=0.05), n_layers=1)
+    assert "no (layer, direction) pair beats its permutation null" in caplog.text
+    assert int(out["selected"].sum()) == 1 and out.loc[out["rank"] == 1, "selected"].item()

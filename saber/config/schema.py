@@ -143,9 +143,14 @@ class RankConfig:
     depth_min: float = 0.0
     depth_max: float = 1.0
     eps: float = 1e-8
+    significance: float = 0.05
+    n_permutations: int = 2000
+    seed: int = 0
 
     def __post_init__(self) -> None:
         _one_of("rank.strategy", self.strategy, ("global_topk", "layer_topk", "threshold", "all"))
+        _check(0.0 < self.significance <= 1.0, "rank.significance", self.significance, "a level in (0, 1] (1 = off)")
+        _check(self.n_permutations >= 0, "rank.n_permutations", self.n_permutations, "an integer >= 0")
         _one_of("rank.score", self.score, ("fdr", "fdr_purity"))
         _check(self.top_k >= 1, "rank.top_k", self.top_k, "an integer >= 1")
         _check(self.layer_top_k >= 1, "rank.layer_top_k", self.layer_top_k, "an integer >= 1")
