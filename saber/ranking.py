@@ -173,8 +173,8 @@ def select(scores: pd.DataFrame, cfg: "RankConfig", n_layers: int,
     if cfg.strategy == "global_topk":
         ranked = [i for i in order if eligible[i]]
         if len(ranked) < cfg.top_k:
-            log.warning("rank.top_k = %d but only %d pairs are eligible; selecting all of them",
-                        cfg.top_k, len(ranked))
+            log.info("rank.top_k = %d is an upper bound: %d pairs are eligible (significant, inside the depth "
+                     "window); selecting all of them", cfg.top_k, len(ranked))
         chosen[ranked[: cfg.top_k]] = True
     elif cfg.strategy == "layer_topk":
         best = out[eligible].groupby("layer")["score"].max().sort_values(ascending=False, kind="stable")
