@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import numpy as np
 import pandas as pd
@@ -44,7 +44,8 @@ log = logging.getLogger("saber.entangle")
 ENTANGLEMENT_TABLE = "entanglement.parquet"
 PLAN_COLUMNS = ["layer", "index", "rank", "alpha", "vector_key", "rho", "class", "fdr", "part"]
 _TABLE_TYPES = {"layer": "int64", "index": "int64", "rho": "float64", "rho_var": "float64",
-                "purity": "float64", "class": "str", "alpha": "float64", "fdr": "float64", "rank": "int64"}
+                "purity": "float64", "class": "str", "alpha": "float64", "fdr": "float64", "rank": "int64",
+                "benefit": "float64", "cost": "float64"}
 _PLAN_TYPES = {"layer": "int64", "index": "int64", "rank": "int64", "alpha": "float64", "vector_key": "str",
                "rho": "float64", "class": "str", "fdr": "float64", "part": "str"}
 _MIN_PART = 1e-6  # a split part with squared norm below this is dropped (nothing to edit)
@@ -120,17 +121,24 @@ def strength(rho: float, depth: float, cfg: "EntangleConfig") -> float:
         if rho > cfg.tau:
             return cfg.alpha_base * (1.0 - rho) + cfg.alpha_entangled * rho
         return cfg.alpha_base
-    raise ValueError(f"entangle.mode = {cfg.mode!r}; use discrete, ramp, split, kernel or uniform")
+    if cfg.mode == "measured":
+        raise ValueError("entangle.mode = measured takes its strengths from measured effects "
+                         "(saber.measured); pass them to entanglement_table")
+    raise ValueError(f"entangle.mode = {cfg.mode!r}; use discrete, ramp, split, kernel, uniform or measured")
 
 
 def entanglement_table(selected: pd.DataFrame, bases: Mapping[int, torch.Tensor],
                        subspaces: Mapping[int, CapabilitySubspace], cfg: "EntangleConfig",
-                       n_layers: int, decay: float = 1.0) -> pd.DataFrame:
+                       n_layers: int, decay: float = 1.0,
+                       effects: Optional[Mapping[tuple[int, int], tuple[float, float]]] = None) -> pd.DataFrame:
     """rho, rho_var, purity, class and alpha for each (layer, index) row of `selected`.
 
     `selected` needs columns layer, index (fdr and rank are carried along when present);
-    `decay` is iterate.alpha_decay ** iteration.
+    `decay` is iterate.alpha_decay ** iteration. With mode = measured, `effects[(layer, index)]`
+    = (benefit, cost) sets alpha (saber.measured.measured_strength); rho stays for the report.
     """
+    from saber.measured import measured_strength
+
     rows = []
     for rec in selected.itertuples(index=False):
         layer, index = int(rec.layer), int(rec.index)
@@ -141,15 +149,23 @@ def entanglement_table(selected: pd.DataFrame, bases: Mapping[int, torch.Tensor]
         sub = subspaces[layer]
         rho = sub.rho(v)
         depth = float(relative_depth(layer, n_layers))
+        benefit, cost = (effects or {}).get((layer, index), (np.nan, np.nan))
+        if cfg.mode == "measured":
+            if effects is None or (layer, index) not in effects:
+                raise ValueError(f"entangle.mode = measured: no measured effect for layer {layer} direction {index}")
+            alpha = measured_strength(benefit, cost, cfg.alpha_base, cfg.cost_weight)
+        else:
+            alpha = strength(rho, depth, cfg)
         rows.append({
             "layer": layer, "index": index, "rho": rho, "rho_var": sub.rho_var(v),
             "purity": 1.0 - rho, "class": classify(rho, cfg.tau),
-            "alpha": strength(rho, depth, cfg) * decay,
+            "alpha": alpha * decay,
             "fdr": float(getattr(rec, "fdr", np.nan)),
             "rank": int(getattr(rec, "rank", len(rows) + 1)),
+            "benefit": float(benefit), "cost": float(cost),
         })
     return pd.DataFrame(rows, columns=["layer", "index", "rho", "rho_var", "purity", "class",
-                                       "alpha", "fdr", "rank"]).astype(_TABLE_TYPES)
+                                       "alpha", "fdr", "rank", "benefit", "cost"]).astype(_TABLE_TYPES)
 
 
 def plan_rows(table: pd.DataFrame, bases: Mapping[int, torch.Tensor],

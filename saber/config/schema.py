@@ -184,6 +184,11 @@ class EntangleConfig:
     ramp_low: float = 0.3
     ramp_high: float = 0.7
     kernel: KernelConfig = field(default_factory=KernelConfig)
+    cost_weight: float = 1.0
+    measure_prompts: int = 32
+    measure_tokens: int = 8
+    calibrate: bool = False
+    calibrate_steps: int = 6
 
     def __post_init__(self) -> None:
         _check(self.m >= 1, "entangle.m", self.m, "an integer >= 1")
@@ -191,7 +196,11 @@ class EntangleConfig:
         _check(0.0 <= self.alpha_base <= 2.0, "entangle.alpha_base", self.alpha_base, "a number in [0, 2]")
         _check(0.0 <= self.alpha_entangled <= 2.0, "entangle.alpha_entangled", self.alpha_entangled,
                "a number in [0, 2]")
-        _one_of("entangle.mode", self.mode, ("discrete", "ramp", "split", "kernel", "uniform"))
+        _one_of("entangle.mode", self.mode, ("discrete", "ramp", "split", "kernel", "uniform", "measured"))
+        _check(self.cost_weight >= 0.0, "entangle.cost_weight", self.cost_weight, "a number >= 0")
+        _check(self.measure_prompts >= 1, "entangle.measure_prompts", self.measure_prompts, "an integer >= 1")
+        _check(self.measure_tokens >= 1, "entangle.measure_tokens", self.measure_tokens, "an integer >= 1")
+        _check(self.calibrate_steps >= 1, "entangle.calibrate_steps", self.calibrate_steps, "an integer >= 1")
         _fraction("entangle.ramp_low", self.ramp_low)
         _fraction("entangle.ramp_high", self.ramp_high)
         _check(self.ramp_low < self.ramp_high, "entangle.ramp_low", self.ramp_low, "less than entangle.ramp_high")
