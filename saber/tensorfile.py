@@ -24,12 +24,34 @@ def save_tensors(tensors: Mapping[str, torch.Tensor], path: Path | str,
     canonicalise_header(Path(path))
 
 
+def read_header(path: Path) -> tuple[int, dict]:
+    """(header length in bytes, header dict) of a safetensors file; ValueError when it is malformed.
+
+    Checks that the header fits in the file and that every tensor's data lies inside it, so a
+    truncated file is caught here instead of deep inside a loader.
+    """
+    size = Path(path).stat().st_size
+    with Path(path).open("rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) < 8:
+            raise ValueError(f"the file has {size} bytes, less than a safetensors header")
+        (n,) = struct.unpack("<Q", raw_len)
+        if n > size - 8:
+            raise ValueError(f"header claims {n} bytes but the file has {size}")
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise ValueError(f"unreadable header ({exc})") from exc
+    if 8 + n + end > size:
+        raise ValueError(f"tensors need {8 + n + end} bytes but the file has {size} (truncated)")
+    return n, header
+
+
 def canonicalise_header(path: Path) -> None:
     """Rewrite a safetensors header in place: metadata keys sorted, tensors by data offset."""
+    n, header = read_header(path)
     with path.open("r+b") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        raw = f.read(n)
-        header = json.loads(raw)
         meta = header.pop("__metadata__", None)
         ordered: dict = {"__metadata__": dict(sorted(meta.items()))} if meta else {}
         ordered.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"][0], kv[0])))

@@ -9,7 +9,6 @@ records the plans, and evaluation applies them in memory.
 
 from __future__ import annotations
 
-import errno
 import secrets
 import shutil
 from pathlib import Path
@@ -34,39 +33,29 @@ def _copy_out(ctx: StageContext, parts: dict[str, Path]) -> Path:
 
     `parts` maps a path inside out_dir ("" for out_dir itself) to the directory copied there.
     """
-    from saber.edit.export import DiskSpaceError, require_space
+    from saber.edit.export import publish_directory, raise_if_disk_full, require_space, tree_bytes
     from saber.outputs import export_request, guard_run_outputs, write_marker
 
     out_dir = guard_run_outputs(ctx.cfg)
     assert out_dir is not None
     tmp = out_dir.with_name(f".{out_dir.name}.partial-{secrets.token_hex(4)}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    require_space(out_dir.parent, sum(f.stat().st_size for d in parts.values() for f in d.rglob("*") if f.is_file()),
-                  "edit.out_dir")
+    require_space(out_dir.parent, sum(tree_bytes(d) for d in parts.values()), "edit.out_dir")
     try:
         for inside, source in sorted(parts.items()):
             shutil.copytree(source, tmp / inside if inside else tmp, dirs_exist_ok=True)
         write_marker(tmp, export_request(ctx.cfg))
-        if out_dir.exists():
-            trash = out_dir.with_name(f".{out_dir.name}.trash-{secrets.token_hex(4)}")
-            out_dir.rename(trash)
-            tmp.rename(out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise DiskSpaceError(errno.ENOSPC, f"edit.out_dir: the disk under {out_dir.parent} filled up while "
-                                 "copying the export; the partial copy was removed. Free space or point "
-                                 "edit.out_dir elsewhere") from exc
-        raise
-    finally:
+        publish_directory(tmp, out_dir)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_disk_full(exc, "edit.out_dir", out_dir.parent)
+        raise
     return out_dir
 
 
 def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     from saber.edit import export_edited, load_plan
+    from saber.edit.export import tree_bytes
     from saber.edit.lora import export_lora
 
     plans = [load_plan(p.path) for p in ctx.plans]
@@ -80,7 +69,7 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     if fmt in ("lora", "both"):  # first: an edit LoRA cannot express fails before the long full export
         adapter = export_lora(source, out_dir / "adapter", plans, ctx.cfg.edit)
         parts["adapter" if fmt == "both" else ""] = adapter
-        meta["adapter_bytes"] = sum(f.stat().st_size for f in adapter.iterdir())
+        meta["adapter_bytes"] = tree_bytes(adapter)
     if fmt in ("full", "both"):
         parts[""] = export_edited(source, out_dir / "model", plans, ctx.cfg.edit, overwrite=False,
                                   space_key="store_root")

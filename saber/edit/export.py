@@ -29,7 +29,7 @@ from saber.edit.math import compute_dtype, project_out, project_weight
 from saber.edit.plan import EditPlan
 from saber.edit.targets import EditTarget, norm_gain, plan_targets, target_directions
 from saber.model.adapters import ArchitectureAdapter, CheckpointTensor, get_adapter
-from saber.tensorfile import canonicalise_header
+from saber.tensorfile import canonicalise_header, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 CARD_NAME = "README.md"
@@ -51,6 +51,18 @@ class DiskSpaceError(OSError):
 
 
 SPACE_MARGIN = 1.02  # free space required before an export, times the source's size
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of every file under `path` (the space a copy of it needs)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def raise_if_disk_full(exc: BaseException, key: str, where: Path) -> None:
+    """Re-raise a full disk (ENOSPC) while writing under `where` as a DiskSpaceError naming `key`."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        raise DiskSpaceError(errno.ENOSPC, f"{key}: the disk under {where} filled up while writing; the "
+                             f"partial output was removed. Free space or point {key} elsewhere") from exc
 
 
 def require_space(directory: Path, needed: int, key: str) -> None:
@@ -199,11 +211,7 @@ def _patch_copy(src: Path, dst: Path, edited: dict[str, Any], timings: dict[str,
     edited tensors are recomputed, which brings the export close to a plain copy. The output holds
     exactly the tensors that rewriting the shard with save_file would.
     """
-    import struct
-
-    with src.open("rb") as fin_file:
-        (n,) = struct.unpack("<Q", fin_file.read(8))
-        header = json.loads(fin_file.read(n))
+    n, header = read_header(src)
     data_start = 8 + n
     spans = sorted((tuple(v["data_offsets"]), k) for k, v in header.items() if k != "__metadata__")
     size = src.stat().st_size
@@ -344,7 +352,7 @@ def export_edited(
         raise ValueError(f"{head_key} is on disk although the config ties it to the embedding")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    require_space(out.parent, sum(f.stat().st_size for f in src.iterdir() if f.is_file()), space_key)
+    require_space(out.parent, tree_bytes(src), space_key)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -381,21 +389,15 @@ def export_edited(
                 index["weight_map"][head_key] = keys[embed_key]  # type: ignore[index]
                 (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (tmp / CARD_NAME).write_text(model_card(src, plans, cfg, len(edits), card_extra))
-        _publish(tmp, out)
-    except OSError as exc:
+        publish_directory(tmp, out)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
-            raise DiskSpaceError(errno.ENOSPC, f"{space_key}: the disk under {out.parent} filled up during "
-                                 "the export; the partial output was removed. Free space or point "
-                                 f"{space_key} elsewhere") from exc
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_disk_full(exc, space_key, out.parent)
         raise
     return out
 
 
-def _publish(tmp: Path, out: Path) -> None:
+def publish_directory(tmp: Path, out: Path) -> None:
     """Rename `tmp` to `out`, replacing an existing `out` only after the new one is complete."""
     if not out.exists():
         tmp.rename(out)

@@ -87,7 +87,7 @@ def lora_factors(weight: torch.Tensor, plans_directions: Sequence[Sequence[tuple
 def export_lora(src_dir: Path, out_dir: Path, plan: EditPlan | Sequence[EditPlan], cfg: Any, *,
                 card_extra: str = "") -> Path:
     """Write a PEFT LoRA adapter equal to the edit into the new directory `out_dir`; returns it."""
-    from saber.edit.export import _meta_model, _NormReader, _publish, _shard_keys
+    from saber.edit.export import _meta_model, _NormReader, _shard_keys, publish_directory
 
     cfg = as_edit_config(cfg)
     if cfg.norm_preserving:
@@ -143,7 +143,7 @@ def export_lora(src_dir: Path, out_dir: Path, plan: EditPlan | Sequence[EditPlan
         save_tensors(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "README.md").write_text(adapter_card(src, plans, cfg, rank, modules, card_extra))
-        _publish(tmp, out)
+        publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -86,21 +86,12 @@ def check_weight_files(directory: Path | str, key: str = "model.path") -> None:
     Reads only the headers and compares the sizes they declare with the files' (milliseconds),
     so a damaged checkpoint fails here with its file name instead of deep inside transformers.
     """
-    import json
-    import struct
+    from saber.tensorfile import read_header
 
     for f in sorted(Path(directory).glob("*.safetensors")):
-        size = f.stat().st_size
         try:
-            with f.open("rb") as handle:
-                (n,) = struct.unpack("<Q", handle.read(8))
-                if n > size - 8:
-                    raise ValueError(f"header claims {n} bytes but the file has {size}")
-                header = json.loads(handle.read(n))
-            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-            if 8 + n + end > size:
-                raise ValueError(f"tensors need {8 + n + end} bytes but the file has {size} (truncated)")
-        except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
+            read_header(f)
+        except ValueError as exc:
             raise ModelLoadError(f"config key {key} = {str(directory)!r}: weight file {f.name} is corrupt or "
                                  f"truncated ({exc}); restore or re-download it") from exc
 
