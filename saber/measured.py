@@ -49,28 +49,62 @@ def mean_nll(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], answe
     return float(np.mean([x.mean() for x in nll if len(x)]))
 
 
+class OwnAnswers:
+    """A prompt set with the model's own greedy openings, and their NLL under the unedited model.
+
+    `shift(model)` is the NLL increase of those same answers under the model as it is now (after
+    an in-memory edit): how much less likely the model's original behaviour has become.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, prompts: Sequence[str], *, n_tokens: int, batch_size: int,
+                 system_prompt: str | None, max_length: int) -> None:
+        self.tokenizer, self.batch_size = tokenizer, batch_size
+        self.ids = encode_prompts(tokenizer, list(prompts), system_prompt, max_length)
+        self.answers = greedy_generate(model, tokenizer, self.ids, n_tokens, batch_size)
+        self.base = mean_nll(model, tokenizer, self.ids, self.answers, batch_size)
+
+    def shift(self, model: Any) -> float:
+        return mean_nll(model, self.tokenizer, self.ids, self.answers, self.batch_size) - self.base
+
+
+def single_direction_plan(layer: int, index: int, vector: torch.Tensor) -> EditPlan:
+    return EditPlan([PlanRow(layer=layer, index=index, rank=1, alpha=1.0, vector_key="v")], {"v": vector})
+
+
+def scaled_plan(directions: Sequence[tuple[int, int, torch.Tensor, float]], scale: float) -> EditPlan:
+    """The plan of (layer, index, vector, alpha) rows in rank order, every alpha times `scale` (at most 1)."""
+    rows = [PlanRow(layer=layer, index=index, rank=i + 1, alpha=min(1.0, alpha * scale), vector_key=f"v{i}")
+            for i, (layer, index, _, alpha) in enumerate(directions)]
+    return EditPlan(rows, {f"v{i}": vector for i, (_, _, vector, _) in enumerate(directions)})
+
+
 def measure_effects(model: Any, tokenizer: Any, directions: Sequence[tuple[int, int, torch.Tensor]],
-                    harmful: Sequence[str], capability: Sequence[str], edit_cfg: Any, *, n_tokens: int,
-                    batch_size: int = 16, system_prompt: str | None = None,
-                    max_length: int = 1024) -> list[DirectionEffect]:
-    """Benefit and cost of removing each (layer, index, vector) alone at alpha 1 (model restored after each)."""
-    h_ids = encode_prompts(tokenizer, list(harmful), system_prompt, max_length)
-    c_ids = encode_prompts(tokenizer, list(capability), system_prompt, max_length)
-    h_ans = greedy_generate(model, tokenizer, h_ids, n_tokens, batch_size)
-    c_ans = greedy_generate(model, tokenizer, c_ids, n_tokens, batch_size)
-    base_h = mean_nll(model, tokenizer, h_ids, h_ans, batch_size)
-    base_c = mean_nll(model, tokenizer, c_ids, c_ans, batch_size)
+                    harmful: OwnAnswers, protected: OwnAnswers, edit_cfg: Any) -> list[DirectionEffect]:
+    """Benefit (refusal answers' NLL shift) and cost (protected answers' shift) of removing each
+    (layer, index, vector) alone at alpha 1; the model is restored after each."""
     effects = []
     for layer, index, vector in directions:
-        plan = EditPlan([PlanRow(layer=layer, index=index, rank=1, alpha=1.0, vector_key="v")], {"v": vector})
-        handle = apply_plan(model, plan, edit_cfg)
+        handle = apply_plan(model, single_direction_plan(layer, index, vector), edit_cfg)
         try:
-            benefit = mean_nll(model, tokenizer, h_ids, h_ans, batch_size) - base_h
-            cost = mean_nll(model, tokenizer, c_ids, c_ans, batch_size) - base_c
+            effects.append(DirectionEffect(layer, index, harmful.shift(model), protected.shift(model)))
         finally:
             handle.revert()
-        effects.append(DirectionEffect(layer, index, benefit, cost))
     return effects
+
+
+def calibrate_scale(model: Any, directions: Sequence[tuple[int, int, torch.Tensor, float]], edit_cfg: Any,
+                    refusal: Any, drift: OwnAnswers, target: float, steps: int) -> tuple[ScalePoint, list[ScalePoint]]:
+    """The global strength scale of `directions` (see search_scale); `refusal(model) -> rate` on held-out
+    harmful probes, `drift` on held-out harmless ones. Every evaluation is applied in memory and reverted."""
+    def evaluate(scale: float) -> tuple[float, float]:
+        handle = apply_plan(model, scaled_plan(directions, scale), edit_cfg)
+        try:
+            return float(refusal(model)), drift.shift(model)
+        finally:
+            handle.revert()
+
+    s_max = 1.0 / max(alpha for *_, alpha in directions)
+    return search_scale(evaluate, s_max, target, steps)
 
 
 def measured_strength(benefit: float, cost: float, alpha_base: float, cost_weight: float) -> float:
@@ -90,24 +124,24 @@ class ScalePoint:
     drift: float
 
 
-def search_scale(evaluate: Any, s_max: float, target: float, steps: int) -> tuple[float, list[ScalePoint]]:
-    """The smallest global scale s in (0, s_max] whose held-out refusal is at or below `target`.
+def search_scale(evaluate: Any, s_max: float, target: float, steps: int) -> tuple[ScalePoint, list[ScalePoint]]:
+    """The evaluated point with the smallest global scale in (0, s_max] whose refusal is at or below `target`.
 
     `evaluate(s) -> (refusal, drift)`. Drift grows with s, so the smallest scale that reaches the
     target is the least-drift one. Refusal is taken as non-increasing in s; bisection then needs
     `steps` evaluations after the one at s_max. When even s_max misses the target, s_max is
     returned (the strongest edit allowed) and the trace says so.
     """
-    trace = [ScalePoint(s_max, *evaluate(s_max))]
-    if not trace[0].refusal <= target:
-        return s_max, trace
-    lo, hi = 0.0, s_max
+    best = ScalePoint(s_max, *evaluate(s_max))
+    trace = [best]
+    if not best.refusal <= target:
+        return best, trace
+    lo = 0.0
     for _ in range(steps):
-        mid = 0.5 * (lo + hi)
-        point = ScalePoint(mid, *evaluate(mid))
+        point = ScalePoint(0.5 * (lo + best.scale), *evaluate(0.5 * (lo + best.scale)))
         trace.append(point)
         if point.refusal <= target:
-            hi = mid
+            best = point
         else:
-            lo = mid
-    return hi, trace
+            lo = point.scale
+    return best, trace

@@ -39,12 +39,10 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     table = entanglement_table(selected, bases, subspaces, cfg, acts.n_layers, decay, effects)
     meta: dict[str, Any] = {}
     if cfg.calibrate and not table.empty and table["alpha"].max() > 0:
-        scale, trace = calibrate(ctx, acts, bases, table)
-        table["alpha"] = (table["alpha"] * scale).clip(upper=1.0)
+        chosen, trace = calibrate(ctx, acts, bases, table)
+        table["alpha"] = (table["alpha"] * chosen.scale).clip(upper=1.0)
         pd.DataFrame([vars(p) for p in trace]).to_parquet(out_dir / "calibration.parquet", index=False)
-        meta["calibration"] = {"scale": scale, "evaluations": len(trace),
-                               "refusal": next(p.refusal for p in trace if p.scale == scale) if
-                               any(p.scale == scale for p in trace) else None}
+        meta["calibration"] = {**vars(chosen), "evaluations": len(trace)}
     table.to_parquet(out_dir / ENTANGLEMENT_TABLE, index=False)
     plan, vectors = plan_rows(table, bases, subspaces, cfg, decay)
     save_plan_files(plan, vectors, out_dir)
@@ -53,73 +51,61 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
             "entangled": int((table["class"] == "entangled").sum()), **meta}
 
 
-def calibrate(ctx: StageContext, acts: Any, bases: dict, table: Any) -> tuple[float, list]:
-    """Global strength scale: least drift that reaches iterate.target_refusal on held-out harmful probes.
-
-    Every evaluation applies the whole plan in memory (exact revert after), generates answers to
-    the held-out harmful probe prompts and scores them with the evaluation's own scorer; drift is
-    the NLL increase of the model's own answers to held-out harmless probes. Evaluation sets are
-    never read.
-    """
-    from saber.edit import EditConfig, EditPlan, PlanRow, apply_plan
-    from saber.evaluate import make_scorer, refusal_rate
-    from saber.evaluate.generation import encode_prompts, greedy_generate
-    from saber.measured import mean_nll, search_scale
-    from stages.evaluate import run_settings
-
-    cfg = ctx.cfg
-    settings = run_settings(cfg)
-    scorer = make_scorer(settings)
-    harmful = acts.rows("harmful", "heldout")["text"].tolist()
-    harmless = acts.rows("harmless", "heldout")["text"].tolist()[: cfg.entangle.measure_prompts]
-    earlier = [ctx.pipeline.ensure("entangle", j) for j in range(ctx.iteration)]
-    model, tokenizer = ctx.pipeline.load_model(earlier)
-    edit_cfg = EditConfig(scope=cfg.edit.scope, roles=list(cfg.edit.roles),
-                          sandwich_correction=cfg.edit.sandwich_correction, tied_embeddings="untie")
-    a_ids = encode_prompts(tokenizer, harmless, cfg.model.system_prompt, cfg.collect.max_length)
-    a_ans = greedy_generate(model, tokenizer, a_ids, cfg.entangle.measure_tokens, cfg.evaluate.batch_size)
-    base_drift = mean_nll(model, tokenizer, a_ids, a_ans, cfg.evaluate.batch_size)
-    rows = list(table.sort_values("rank").itertuples(index=False))
-
-    def evaluate(scale: float) -> tuple[float, float]:
-        plan_rows = [PlanRow(layer=int(r.layer), index=int(r.index), rank=i + 1,
-                             alpha=min(1.0, float(r.alpha) * scale), vector_key=f"v{i}") for i, r in enumerate(rows)]
-        plan = EditPlan(plan_rows, {f"v{i}": bases[int(r.layer)][int(r.index)].float() for i, r in enumerate(rows)})
-        handle = apply_plan(model, plan, edit_cfg)
-        try:
-            refusal = float(refusal_rate(model, tokenizer, harmful, settings, scorer))
-            drift = mean_nll(model, tokenizer, a_ids, a_ans, cfg.evaluate.batch_size) - base_drift
-        finally:
-            handle.revert()
-        log.info("calibration: scale %.4f -> held-out refusal %.3f, drift %.4f nats/token", scale, refusal, drift)
-        return refusal, drift
-
-    s_max = 1.0 / float(table["alpha"].max())
-    return search_scale(evaluate, s_max, cfg.iterate.target_refusal, cfg.entangle.calibrate_steps)
-
-
-def measured_effects(ctx: StageContext, acts: Any, bases: dict, selected: Any) -> dict[tuple[int, int], tuple[float, float]]:
-    """Benefit and cost of each selected direction, ablated alone on the model this iteration probes."""
+def _measuring(ctx: StageContext) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """The model this iteration probes (earlier plans applied), its tokenizer, the edit settings
+    every measurement removes directions with, and the arguments of OwnAnswers."""
     from saber.edit import EditConfig
-    from saber.measured import measure_effects
 
     cfg = ctx.cfg
-    n = cfg.entangle.measure_prompts
-    harmful = acts.rows("harmful", "fit")["text"].tolist()[:n]
-    # what the edit must not change: the model's own answers to capability and harmless prompts
-    capability = acts.rows("capability", "fit")["text"].tolist()[:n] + acts.rows("harmless", "fit")["text"].tolist()[:n]
     earlier = [ctx.pipeline.ensure("entangle", j) for j in range(ctx.iteration)]  # what collect[i] probed
     model, tokenizer = ctx.pipeline.load_model(earlier)
     edit_cfg = EditConfig(scope=cfg.edit.scope, roles=list(cfg.edit.roles),
                           sandwich_correction=cfg.edit.sandwich_correction, tied_embeddings="untie")
+    answers = {"n_tokens": cfg.entangle.measure_tokens, "batch_size": cfg.evaluate.batch_size,
+               "system_prompt": cfg.model.system_prompt, "max_length": cfg.collect.max_length}
+    return model, tokenizer, edit_cfg, answers
+
+
+def measured_effects(ctx: StageContext, acts: Any, bases: dict, selected: Any) -> dict[tuple[int, int], tuple[float, float]]:
+    """Benefit and cost of each selected direction, ablated alone (saber.measured), on fit prompts."""
+    from saber.measured import OwnAnswers, measure_effects
+
+    n = ctx.cfg.entangle.measure_prompts
+    model, tokenizer, edit_cfg, kw = _measuring(ctx)
+    harmful = OwnAnswers(model, tokenizer, acts.rows("harmful", "fit")["text"].tolist()[:n], **kw)
+    # what the edit must not change: the model's own answers to capability and harmless prompts
+    protected = OwnAnswers(model, tokenizer, acts.rows("capability", "fit")["text"].tolist()[:n]
+                           + acts.rows("harmless", "fit")["text"].tolist()[:n], **kw)
     directions = [(int(r.layer), int(r.index), bases[int(r.layer)][int(r.index)].float())
                   for r in selected.itertuples(index=False)]
-    effects = measure_effects(model, tokenizer, directions, harmful, capability, edit_cfg,
-                              n_tokens=cfg.entangle.measure_tokens, batch_size=cfg.evaluate.batch_size,
-                              system_prompt=cfg.model.system_prompt, max_length=cfg.collect.max_length)
+    effects = measure_effects(model, tokenizer, directions, harmful, protected, edit_cfg)
     for e in effects:
         log.info("layer %d direction %d: benefit %.4f, cost %.4f nats/token", e.layer, e.index, e.benefit, e.cost)
     return {(e.layer, e.index): (e.benefit, e.cost) for e in effects}
+
+
+def calibrate(ctx: StageContext, acts: Any, bases: dict, table: Any) -> tuple[Any, list]:
+    """Global strength scale (saber.measured.calibrate_scale) on the held-out probe split: refusal
+    of the harmful probes with the evaluation's own scorer, drift on the harmless ones. Evaluation
+    sets are never read."""
+    from saber.evaluate import make_scorer, refusal_rate
+    from saber.measured import OwnAnswers, calibrate_scale
+    from stages.evaluate import run_settings
+
+    settings = run_settings(ctx.cfg)
+    scorer = make_scorer(settings)
+    harmful = acts.rows("harmful", "heldout")["text"].tolist()
+    model, tokenizer, edit_cfg, kw = _measuring(ctx)
+    drift = OwnAnswers(model, tokenizer, acts.rows("harmless", "heldout")["text"].tolist()[: ctx.cfg.entangle.measure_prompts],
+                       **kw)
+    directions = [(int(r.layer), int(r.index), bases[int(r.layer)][int(r.index)].float(), float(r.alpha))
+                  for r in table.sort_values("rank").itertuples(index=False)]
+    chosen, trace = calibrate_scale(model, directions, edit_cfg,
+                                    lambda m: refusal_rate(m, tokenizer, harmful, settings, scorer), drift,
+                                    ctx.cfg.iterate.target_refusal, ctx.cfg.entangle.calibrate_steps)
+    for p in trace:
+        log.info("calibration: scale %.4f -> held-out refusal %.3f, drift %.4f nats/token", p.scale, p.refusal, p.drift)
+    return chosen, trace
 
 
 # measured mode and calibration remove directions with the edit's own writer settings and score

@@ -29,12 +29,13 @@ def test_search_finds_the_smallest_scale_that_reaches_the_target() -> None:
         calls.append(s)
         return max(0.0, 1.0 - s / 0.7), s**2
 
-    scale, trace = search_scale(evaluate, 1.0, 0.0, steps=10)
-    assert 0.7 <= scale <= 0.7 + 1.0 / 2**10 and len(calls) == 11 and trace[0].scale == 1.0
-    assert all(p.refusal <= 0.0 for p in trace if p.scale >= scale)
+    best, trace = search_scale(evaluate, 1.0, 0.0, steps=10)
+    assert 0.7 <= best.scale <= 0.7 + 1.0 / 2**10 and len(calls) == 11 and trace[0].scale == 1.0
+    assert best in trace and best.refusal <= 0.0 and best.drift == pytest.approx(best.scale**2)
+    assert all(p.refusal <= 0.0 for p in trace if p.scale >= best.scale)
     # even full strength misses the target: the strongest allowed edit, after one evaluation
-    scale, trace = search_scale(lambda s: (0.5, s), 2.0, 0.0, steps=5)
-    assert scale == 2.0 and len(trace) == 1
+    best, trace = search_scale(lambda s: (0.5, s), 2.0, 0.0, steps=5)
+    assert best.scale == 2.0 and len(trace) == 1
 
 
 @pytest.mark.slow
