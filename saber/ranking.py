@@ -62,8 +62,9 @@ def holm(p: np.ndarray) -> np.ndarray:
 
 
 def permutations_needed(n_pairs: int, significance: float, floor: int) -> int:
-    """Enough shuffles that the best possible corrected p-value is at most half the level."""
-    return max(floor, int(np.ceil(2.0 * n_pairs / significance)) - 1) if significance < 1.0 else 0
+    """At least `floor` shuffles, and enough that the best possible corrected p-value is at most
+    half the level (no raise when the test is off, significance 1)."""
+    return max(floor, int(np.ceil(2.0 * n_pairs / significance)) - 1) if significance < 1.0 else floor
 
 
 def fdr(h_proj: np.ndarray, a_proj: np.ndarray, eps: float) -> np.ndarray:
@@ -120,7 +121,7 @@ def score_pairs(heldout: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
     if missing:
         raise ActivationError(f"no {split} activations for layers {missing} that have directions")
     n_pairs = sum(int(b.shape[0]) for b in bases.values())
-    n_perm = permutations_needed(n_pairs, significance, n_permutations) if significance < 1.0 else n_permutations
+    n_perm = permutations_needed(n_pairs, significance, n_permutations)
     frames = [score_layer(*heldout[l], bases[l], eps=eps, layer=l, split=split, n_permutations=n_perm, seed=seed)
               for l in sorted(bases)]
     out = pd.concat(frames, ignore_index=True)
@@ -157,10 +158,11 @@ def select(scores: pd.DataFrame, cfg: "RankConfig", n_layers: int,
         raise ValueError(f"rank.depth_min = {cfg.depth_min} and rank.depth_max = {cfg.depth_max} "
                          f"leave no layer of {n_layers} eligible; widen the depth window")
     p = out["p_value"].to_numpy(dtype=np.float64) if "p_value" in out else np.full(len(out), np.nan)
+    tested = bool(np.isfinite(p).all())  # tables scored without permutations have no p-values
     out["p_value"] = p
-    out["p_adjusted"] = holm(p) if np.isfinite(p).all() else p
-    out["significant"] = out["p_adjusted"].to_numpy() <= cfg.significance if np.isfinite(p).all() else True
-    if cfg.significance < 1.0 and np.isfinite(p).all():
+    out["p_adjusted"] = holm(p) if tested else p
+    out["significant"] = out["p_adjusted"].to_numpy() <= cfg.significance if tested else True
+    if cfg.significance < 1.0 and tested:
         if not (eligible & out["significant"].to_numpy()).any():
             best = next(i for i in order if eligible[i])
             log.warning("no (layer, direction) pair beats its permutation null at rank.significance = %g "

@@ -54,22 +54,6 @@ def ensure_reference(ctx: StageContext, sets: Any, settings: Any, scorer: Any) -
     return load_reference(art.path)
 
 
-def load_with_adapter(model_cfg: Any, base_dir: Path, adapter: Path) -> tuple[Any, Any]:
-    """The base model with a PEFT LoRA adapter merged in (a fresh load, never the shared session)."""
-    from saber.model.loading import ModelLoadError, load_model
-
-    if not (adapter / "adapter_config.json").is_file():
-        raise ModelLoadError(f"config key evaluate.adapter = {str(adapter)!r} is not a PEFT adapter directory "
-                             "(no adapter_config.json)")
-    try:
-        from peft import PeftModel
-    except ImportError as exc:
-        raise ModelLoadError("evaluating a LoRA adapter needs the peft package: pip install "
-                             "'saber-abliteration[lora]'") from exc
-    model, tokenizer = load_model(model_cfg, base_dir)
-    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval(), tokenizer
-
-
 def residual_proxy(ctx: StageContext, model: Any, tokenizer: Any) -> tuple[dict[str, Any] | None, Any]:
     """FDR along this iteration's directions: before the edit from the collect activations, after
     it by a new capture on the edited model (at iteration 0 these are the original directions)."""
@@ -103,7 +87,7 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     from saber.config import as_plain
     from saber.evaluate import evaluate_against_reference, make_scorer, model_card_text, write_outputs
     from saber.evaluate.sets import load_eval_sets
-    from saber.model.loading import load_model
+    from saber.model.loading import load_model, load_with_adapter
 
     cfg = ctx.cfg
     settings = run_settings(cfg)

@@ -161,6 +161,20 @@ def load_model(model_cfg: Any, path: Path | str) -> tuple[PreTrainedModel, PreTr
     return model, tokenizer
 
 
+def load_with_adapter(model_cfg: Any, base_dir: Path, adapter: Path) -> tuple[Any, Any]:
+    """The base model with a PEFT LoRA adapter merged in (a fresh load, never the shared session)."""
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelLoadError(f"config key evaluate.adapter = {str(adapter)!r} is not a PEFT adapter directory "
+                             "(no adapter_config.json)")
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise ModelLoadError("evaluating a LoRA adapter needs the peft package: pip install "
+                             "'saber-abliteration[lora]'") from exc
+    model, tokenizer = load_model(model_cfg, base_dir)
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().eval(), tokenizer
+
+
 def input_device(model: torch.nn.Module) -> torch.device:
     """Device that input ids must live on (the embedding's, also under a device_map)."""
     return model.get_input_embeddings().weight.device
