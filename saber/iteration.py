@@ -1,13 +1,16 @@
 """Iterative refinement: re-probe the edited model and edit again until a stopping rule fires.
 
-Iteration i collects on the model edited by plans 0..i-1, extracts, ranks and plans again with
-strengths scaled by alpha_decay**i. After each plan the runner measures held-out refusal on the
+Iteration i collects on the model edited by plans 0..i-1, extracts, ranks and plans again; with
+fixed strengths (entangle.calibrate=false) they are scaled by alpha_decay**i, with calibration
+each pass finds its own. After each plan the runner measures held-out refusal on the
 probe split (never the evaluation set) with plans 0..i applied in memory, and stops when
 
 - refusal is at or below `iterate.target_refusal` (keep plans 0..i);
 - refusal did not improve on the previous iteration (drop plan i, keep 0..i-1);
 - the next iteration's primary direction has |cos| >= `iterate.stability_cos` with this one's
-  (the geometry stopped moving: keep 0..i);
+  and its held-out FDR is at most `iterate.stability_fdr` of the first iteration's (the geometry
+  stopped moving and little separation is left: keep 0..i; an incomplete removal also leaves a
+  stable direction, but one that still separates, so iteration goes on);
 - `iterate.max_iterations` is reached.
 
 The refusal measurement is an artifact of its own (stage `iteration_check`), so a rerun of a
@@ -58,17 +61,20 @@ def heldout_refusal(pipeline: Pipeline, iteration: int) -> float:
     collect0 = pipeline.ensure("collect", 0)
     plans = [pipeline.ensure("entangle", j) for j in range(iteration + 1)]
     upstream = {"collect0": collect0.fingerprint}
+    if cfg.evaluate.scorer == "auto":
+        upstream["signature"] = pipeline.ensure("signature", 0).fingerprint
     upstream.update({f"plan{j}": p.fingerprint for j, p in enumerate(plans)})
     config = {"evaluate": as_plain(cfg.evaluate), "edit": as_plain(cfg.edit)}
 
     def build(out: Path) -> dict[str, Any]:
         from saber.evaluate import refusal_rate
-        from stages.evaluate import run_settings
+        from saber.evaluate.settings import run_settings
 
         prompts = pd.read_parquet(collect0.path / "prompts.parquet")
         texts = prompts[(prompts.kind == "harmful") & (prompts.split == "heldout")].text.tolist()
+        scorer = pipeline.refusal_scorer()
         model, tokenizer = pipeline.load_model(plans)
-        rate = float(refusal_rate(model, tokenizer, texts, run_settings(cfg)))
+        rate = float(refusal_rate(model, tokenizer, texts, run_settings(cfg), scorer))
         (out / "check.json").write_text(json.dumps({"heldout_refusal": rate, "n": len(texts)}))
         return {"heldout_refusal": rate}
 
@@ -76,6 +82,12 @@ def heldout_refusal(pipeline: Pipeline, iteration: int) -> float:
                                       pipeline.model_identity(), build,
                                       command="python -m saber.run <same overrides> force=true")
     return float(json.loads(art.file("check.json").read_text())["heldout_refusal"])
+
+
+def _primary_fdr(pipeline: Pipeline, i: int) -> float:
+    """Held-out FDR of iteration i's best-ranked pair (on the model iteration i probed)."""
+    ranking = pd.read_parquet(pipeline.ensure("rank", i).path / "ranking.parquet")
+    return float(ranking.sort_values("rank").iloc[0]["fdr"])
 
 
 def _stability(pipeline: Pipeline, i: int) -> float:
@@ -110,7 +122,9 @@ def run_iterations(pipeline: Pipeline, cfg: SaberConfig) -> IterationLog:
         for stage in ANALYSIS_STAGES:
             pipeline.ensure(stage, i + 1)
         cos = _stability(pipeline, i + 1)
-        records[-1]["next_primary_cos"] = cos
-        if cos >= cfg.iterate.stability_cos:
+        left = _primary_fdr(pipeline, i + 1) / max(_primary_fdr(pipeline, 0), 1e-12)
+        records[-1].update(next_primary_cos=cos, next_primary_fdr_share=left)
+        # a stable direction that still separates is a partial removal: edit again
+        if cos >= cfg.iterate.stability_cos and left <= cfg.iterate.stability_fdr:
             return IterationLog(i, "direction stable", records)
     raise AssertionError("unreachable: the loop returns at i == n - 1")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -92,21 +92,6 @@ def measure_effects(model: Any, tokenizer: Any, directions: Sequence[tuple[int, 
     return effects
 
 
-def calibrate_scale(model: Any, directions: Sequence[tuple[int, int, torch.Tensor, float]], edit_cfg: Any,
-                    refusal: Any, drift: OwnAnswers, target: float, steps: int) -> tuple[ScalePoint, list[ScalePoint]]:
-    """The global strength scale of `directions` (see search_scale); `refusal(model) -> rate` on held-out
-    harmful probes, `drift` on held-out harmless ones. Every evaluation is applied in memory and reverted."""
-    def evaluate(scale: float) -> tuple[float, float]:
-        handle = apply_plan(model, scaled_plan(directions, scale), edit_cfg)
-        try:
-            return float(refusal(model)), drift.shift(model)
-        finally:
-            handle.revert()
-
-    s_max = 1.0 / max(alpha for *_, alpha in directions)
-    return search_scale(evaluate, s_max, target, steps)
-
-
 def measured_strength(benefit: float, cost: float, alpha_base: float, cost_weight: float) -> float:
     """alpha_base * b / (b + w c), b and c clipped at 0 (0 when the direction buys nothing)."""
     b, c = max(benefit, 0.0), max(cost, 0.0)
@@ -117,28 +102,82 @@ def measured_strength(benefit: float, cost: float, alpha_base: float, cost_weigh
 
 @dataclass(frozen=True)
 class ScalePoint:
-    """One evaluation of the strength search: scale, held-out refusal, drift on protected prompts."""
+    """One evaluation of the strength search: how many directions, their scale, held-out refusal, drift."""
 
+    n_directions: int
     scale: float
     refusal: float
     drift: float
+    phase: str  # "add": the first n directions at full strength; "scale": bisection of the global scale
 
 
-def search_scale(evaluate: Any, s_max: float, target: float, steps: int) -> tuple[ScalePoint, list[ScalePoint]]:
-    """The evaluated point with the smallest global scale in (0, s_max] whose refusal is at or below `target`.
+def calibrate(model: Any, directions: Sequence[tuple[int, int, torch.Tensor, float]], edit_cfg: Any,
+              refusal: Any, drift: OwnAnswers, target: float, steps: int) -> tuple[list[int], ScalePoint, list[ScalePoint]]:
+    """The least edit of `directions` (layer, index, vector, alpha) that reaches `target` (choose_edit).
 
-    `evaluate(s) -> (refusal, drift)`. Drift grows with s, so the smallest scale that reaches the
-    target is the least-drift one. Refusal is taken as non-increasing in s; bisection then needs
-    `steps` evaluations after the one at s_max. When even s_max misses the target, s_max is
-    returned (the strongest edit allowed) and the trace says so.
+    `refusal(model) -> rate` is measured on the held-out harmful probes, `drift` on held-out
+    harmless ones; every evaluation is applied in memory and reverted.
     """
-    best = ScalePoint(s_max, *evaluate(s_max))
-    trace = [best]
-    if not best.refusal <= target:
-        return best, trace
-    lo = 0.0
+    def evaluate(members: Sequence[int], scale: float) -> tuple[float, float]:
+        handle = apply_plan(model, scaled_plan([directions[i] for i in members], scale), edit_cfg)
+        try:
+            return float(refusal(model)), drift.shift(model)
+        finally:
+            handle.revert()
+
+    return choose_edit(evaluate, [d[3] for d in directions], target, steps)
+
+
+def choose_edit(evaluate: Any, alphas: Sequence[float], target: float,
+                steps: int) -> tuple[list[int], ScalePoint, list[ScalePoint]]:
+    """Which directions, at what global scale: the least edit that reaches `target` refusal.
+
+    `evaluate(members, scale) -> (refusal, drift)` with every alpha of `members` times `scale`
+    (capped at 1); a direction with alpha 0 never joins.
+
+    1. "screen": each direction removed alone at full strength; they join in order of the
+       refusal left (least first), then drift.
+    2. "add": the first n = 2, 3, ... at full strength until refusal reaches the target (or they
+       run out: the n with the least refusal is kept, and the trace says so).
+    3. "scale": bisection of the global scale of those n (search_scale).
+
+    Returns the indices of the joined directions, the chosen point and the trace.
+    """
+    def point(members: Sequence[int], scale: float, phase: str) -> ScalePoint:
+        return ScalePoint(len(members), scale, *evaluate(members, scale), phase)
+
+    def full(members: Sequence[int]) -> float:  # every alpha reaches 1
+        return 1.0 / min(alphas[i] for i in members)
+
+    live = [i for i, a in enumerate(alphas) if a > 0]
+    if not live:
+        raise ValueError("calibration: every direction has strength 0; nothing to calibrate")
+    screen = {i: point([i], full([i]), "screen") for i in live}
+    order = sorted(live, key=lambda i: (screen[i].refusal, screen[i].drift))
+    added = [screen[order[0]]]
+    for n in range(2, len(order) + 1):
+        if added[-1].refusal <= target:
+            break
+        added.append(point(order[:n], full(order[:n]), "add"))
+    trace = [screen[i] for i in live] + added[1:]
+    start = min(added, key=lambda p: (p.refusal, p.n_directions))
+    members = order[: start.n_directions]
+    if not start.refusal <= target:
+        return members, start, trace
+    best, more = search_scale(lambda s: point(members, s, "scale"), start, target, steps)
+    return members, best, trace + more
+
+
+def search_scale(evaluate: Any, start: ScalePoint, target: float, steps: int) -> tuple[ScalePoint, list[ScalePoint]]:
+    """The evaluated point with the smallest scale in (0, start.scale] whose refusal is at or below `target`.
+
+    `evaluate(s) -> ScalePoint`; `start` reaches the target. Drift grows with the scale, so the
+    smallest scale that reaches the target is the least-drift one. Refusal is taken as
+    non-increasing in the scale; bisection then needs `steps` evaluations.
+    """
+    best, trace, lo = start, [], 0.0
     for _ in range(steps):
-        point = ScalePoint(0.5 * (lo + best.scale), *evaluate(0.5 * (lo + best.scale)))
+        point = evaluate(0.5 * (lo + best.scale))
         trace.append(point)
         if point.refusal <= target:
             best = point

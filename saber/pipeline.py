@@ -34,6 +34,7 @@ class StageSpec:
     upstream: tuple[str, ...]
     build: Callable[["StageContext", Path], Optional[Mapping[str, Any]]]
     reads_plans: bool = False
+    base_model_only: bool = False  # computed once per run on the unedited model: always read at iteration 0
 
 
 class MissingUpstreamError(RuntimeError):
@@ -97,7 +98,7 @@ class Pipeline:
         self._identity: Optional[str] = None
         self.session = session or ModelSession()
         self._resolved: dict[tuple[str, int], Artifact] = {}
-        self.force_stages: set[str] = set(_stage_registry()) if cfg.force else set()
+        self.force_stages: set[str] = {*_stage_registry(), "signature"} if cfg.force else set()
 
     # model -----------------------------------------------------------------------------------
     def model_dir(self) -> Path:
@@ -149,6 +150,21 @@ class Pipeline:
         for plan_art in plans:
             session.handles.append(apply_plan(session.model, load_plan(plan_art.path), self.cfg.edit))
         return session.model, session.tokenizer
+
+    def refusal_scorer(self) -> Any:
+        """The evaluation's refusal scorer; `auto` reads the signature learned on the base model."""
+        from saber.evaluate import make_scorer
+        from saber.evaluate.settings import run_settings
+        from saber.evaluate.signature import SIGNATURE_FILE, RefusalSignature
+
+        signature = None
+        if self.cfg.evaluate.scorer == "auto":
+            art = self.ensure("signature", 0)
+            if not art.file(SIGNATURE_FILE).is_file():
+                raise RuntimeError(f"signature artifact {art.path} holds no {SIGNATURE_FILE}; rebuild it with "
+                                   "force=true")
+            signature = RefusalSignature.load(art.path)
+        return make_scorer(run_settings(self.cfg), signature)
 
     def release_model(self) -> None:
         """Return the shared model to its base weights (the model stays loaded for reuse)."""
@@ -223,6 +239,8 @@ class Pipeline:
         return upstream, plans, fingerprints
 
     def _upstream(self, name: str, iteration: int, build_missing: bool) -> Artifact:
+        if _stage_registry()[name].base_model_only:
+            iteration = 0
         if build_missing:
             return self.ensure(name, iteration)
         return self._load_only(name, iteration)

@@ -11,14 +11,16 @@ import importlib
 from saber.pipeline import StageSpec
 
 STAGE_ORDER: tuple[str, ...] = ("collect", "extract", "rank", "entangle", "edit", "evaluate")
+# Stages the others read but the runner does not list: built on demand through the store.
+AUXILIARY: tuple[str, ...] = ("signature",)
 
 
 class _Registry(dict):
     """Loads `stages.<name>.SPEC` on first access so a missing stage fails only when used."""
 
     def __missing__(self, name: str) -> StageSpec:
-        if name not in STAGE_ORDER:
-            raise KeyError(f"unknown stage '{name}'; stages are: {', '.join(STAGE_ORDER)}")
+        if name not in STAGE_ORDER + AUXILIARY:
+            raise KeyError(f"unknown stage '{name}'; stages are: {', '.join(STAGE_ORDER + AUXILIARY)}")
         spec = importlib.import_module(f"stages.{name}").SPEC
         self[name] = spec
         return spec
@@ -27,7 +29,7 @@ class _Registry(dict):
         return iter(STAGE_ORDER)
 
     def __contains__(self, name: object) -> bool:
-        return name in STAGE_ORDER
+        return name in STAGE_ORDER + AUXILIARY
 
 
 STAGES: dict[str, StageSpec] = _Registry()

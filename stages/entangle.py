@@ -1,7 +1,7 @@
 """Entangle stage: capability overlap of the selected directions, strengths, and the edit plan.
 
-Iteration i scales every strength by iterate.alpha_decay ** i, so `iterate` is part of this
-stage's fingerprint.
+With fixed strengths, iteration i scales every strength by iterate.alpha_decay ** i (calibrated
+passes find their own), so `iterate` is part of this stage's fingerprint.
 """
 
 from __future__ import annotations
@@ -34,17 +34,17 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     if selected.empty:
         log.warning("rank selected no (layer, direction) pair: the edit plan is empty")
     subspaces = capability_subspaces(acts, sorted(selected["layer"].unique().tolist()), cfg.m, split="fit")
-    decay = ctx.cfg.iterate.alpha_decay ** ctx.iteration
+    # a calibrated pass finds its own strength; decay would only stop it short of the target
+    decay = 1.0 if cfg.calibrate else ctx.cfg.iterate.alpha_decay ** ctx.iteration
     effects = measured_effects(ctx, acts, bases, selected) if cfg.mode == "measured" else None
     table = entanglement_table(selected, bases, subspaces, cfg, acts.n_layers, decay, effects)
     meta: dict[str, Any] = {}
     if cfg.calibrate and not table.empty and table["alpha"].max() > 0:
-        chosen, trace = calibrate(ctx, acts, bases, table)
-        table["alpha"] = (table["alpha"] * chosen.scale).clip(upper=1.0)
+        table, chosen, trace = calibrate(ctx, acts, bases, table)
         pd.DataFrame([vars(p) for p in trace]).to_parquet(out_dir / "calibration.parquet", index=False)
         meta["calibration"] = {**vars(chosen), "evaluations": len(trace)}
     table.to_parquet(out_dir / ENTANGLEMENT_TABLE, index=False)
-    plan, vectors = plan_rows(table, bases, subspaces, cfg, decay)
+    plan, vectors = plan_rows(table[table["alpha"] > 0], bases, subspaces, cfg, decay)
     save_plan_files(plan, vectors, out_dir)
     entanglement_scatter(table, cfg.tau, out_dir / "entanglement.png")
     return {"directions": len(table), "plan_rows": len(plan), "decay": decay,
@@ -84,39 +84,44 @@ def measured_effects(ctx: StageContext, acts: Any, bases: dict, selected: Any) -
     return {(e.layer, e.index): (e.benefit, e.cost) for e in effects}
 
 
-def calibrate(ctx: StageContext, acts: Any, bases: dict, table: Any) -> tuple[Any, list]:
-    """Global strength scale (saber.measured.calibrate_scale) on the held-out probe split: refusal
-    of the harmful probes with the evaluation's own scorer, drift on the harmless ones. Evaluation
-    sets are never read."""
-    from saber.evaluate import make_scorer, refusal_rate
-    from saber.measured import OwnAnswers, calibrate_scale
-    from stages.evaluate import run_settings
+def calibrate(ctx: StageContext, acts: Any, bases: dict, table: Any) -> tuple[Any, Any, list]:
+    """How many directions and what strength (saber.measured.calibrate) on the held-out probe split:
+    refusal of the harmful probes with the evaluation's own scorer, drift on the harmless ones.
+    Evaluation sets are never read.
+    Returns the table with the chosen strengths (0 for directions left out), the choice and the trace."""
+    from saber.evaluate import refusal_rate
+    from saber.evaluate.settings import run_settings
+    from saber.measured import OwnAnswers, calibrate
 
     settings = run_settings(ctx.cfg)
-    scorer = make_scorer(settings)
+    scorer = ctx.pipeline.refusal_scorer()
     harmful = acts.rows("harmful", "heldout")["text"].tolist()
     model, tokenizer, edit_cfg, kw = _measuring(ctx)
     drift = OwnAnswers(model, tokenizer, acts.rows("harmless", "heldout")["text"].tolist()[: ctx.cfg.entangle.measure_prompts],
                        **kw)
+    table = table.sort_values("rank").reset_index(drop=True)
     directions = [(int(r.layer), int(r.index), bases[int(r.layer)][int(r.index)].float(), float(r.alpha))
-                  for r in table.sort_values("rank").itertuples(index=False)]
-    chosen, trace = calibrate_scale(model, directions, edit_cfg,
-                                    lambda m: refusal_rate(m, tokenizer, harmful, settings, scorer), drift,
-                                    ctx.cfg.iterate.target_refusal, ctx.cfg.entangle.calibrate_steps)
+                  for r in table.itertuples(index=False)]
+    members, chosen, trace = calibrate(model, directions, edit_cfg,
+                                       lambda m: refusal_rate(m, tokenizer, harmful, settings, scorer), drift,
+                                       ctx.cfg.iterate.target_refusal, ctx.cfg.entangle.calibrate_steps)
     for p in trace:
-        log.info("calibration: scale %.4f -> held-out refusal %.3f, drift %.4f nats/token", p.scale, p.refusal, p.drift)
-    return chosen, trace
+        log.info("calibration (%s): %d direction(s) at scale %.4f -> held-out refusal %.3f, drift %.4f nats/token",
+                 p.phase, p.n_directions, p.scale, p.refusal, p.drift)
+    table["joined"] = [i in members for i in range(len(table))]
+    table["alpha"] = [min(1.0, a * chosen.scale) if i in members else 0.0 for i, a in enumerate(table["alpha"])]
+    return table, chosen, trace
 
 
 # measured mode and calibration remove directions with the edit's own writer settings and score
 # refusal with the evaluation's scorer, so those keys are part of this stage's fingerprint
-SPEC = StageSpec(name="entangle", schema_version=1,
+SPEC = StageSpec(name="entangle", schema_version=2,
                  config_keys=("entangle", "iterate.alpha_decay", "iterate.target_refusal", "edit.scope",
                               "edit.roles", "edit.sandwich_correction", "evaluate.scorer", "evaluate.markers",
-                              "evaluate.prefixes", "evaluate.judge_path", "evaluate.judge_refusal_labels",
+                              "evaluate.extra_markers", "evaluate.prefixes", "evaluate.judge_path", "evaluate.judge_refusal_labels",
                               "evaluate.judge_pair", "evaluate.max_new_tokens", "evaluate.batch_size",
                               "evaluate.max_prompt_tokens"),
-                 upstream=("collect", "extract", "rank"), build=build)
+                 upstream=("collect", "extract", "rank", "signature"), build=build)
 main = stage_main("entangle")
 
 if __name__ == "__main__":

@@ -8,25 +8,18 @@ evaluate and data configs, so every sweep trial and iteration reuses it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from saber.pipeline import StageContext, StageSpec
 from stages.cli import stage_main
 
 log = logging.getLogger("saber.evaluate")
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 REFERENCE_STAGE = "reference"
-REFERENCE_SCHEMA_VERSION = 2
-
-
-def run_settings(cfg: Any) -> SimpleNamespace:
-    """The evaluate config plus the model's system prompt (the library reads both from one object)."""
-    return SimpleNamespace(**dataclasses.asdict(cfg.evaluate), system_prompt=cfg.model.system_prompt)
+REFERENCE_SCHEMA_VERSION = 3
 
 
 def reference_config(cfg: Any) -> dict[str, Any]:
@@ -47,8 +40,10 @@ def ensure_reference(ctx: StageContext, sets: Any, settings: Any, scorer: Any) -
         return {"n_harmful": len(sets.harmful), "n_harmless": len(sets.harmless)}
 
     pipeline = ctx.pipeline
+    # the base refusal flags depend on the learned signature (which depends on the probe split)
+    upstream = {"signature": ctx.upstream["signature"].fingerprint} if ctx.cfg.evaluate.scorer == "auto" else {}
     art = pipeline.store.get_or_build(
-        REFERENCE_STAGE, REFERENCE_SCHEMA_VERSION, reference_config(ctx.cfg), {}, pipeline.model_identity(),
+        REFERENCE_STAGE, REFERENCE_SCHEMA_VERSION, reference_config(ctx.cfg), upstream, pipeline.model_identity(),
         build_ref, force="evaluate" in pipeline.force_stages, command="python -m stages.evaluate",
     )
     return load_reference(art.path)
@@ -85,14 +80,15 @@ def residual_proxy(ctx: StageContext, model: Any, tokenizer: Any) -> tuple[dict[
 
 def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     from saber.config import as_plain
-    from saber.evaluate import evaluate_against_reference, make_scorer, model_card_text, write_outputs
+    from saber.evaluate import evaluate_against_reference, model_card_text, write_outputs
     from saber.evaluate.sets import load_eval_sets
+    from saber.evaluate.settings import run_settings
     from saber.model.loading import load_model, load_with_adapter
 
     cfg = ctx.cfg
     settings = run_settings(cfg)
     sets = load_eval_sets(cfg.evaluate, cfg.data, ctx.prompt_roots())
-    scorer = make_scorer(settings)
+    scorer = ctx.pipeline.refusal_scorer()
     reference = ensure_reference(ctx, sets, settings, scorer)
     exported = ctx.upstream["edit"].path / "model"
     adapter = Path(cfg.evaluate.adapter) if cfg.evaluate.adapter else ctx.upstream["edit"].path / "adapter"
@@ -121,7 +117,7 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
 
 
 SPEC = StageSpec(name="evaluate", schema_version=SCHEMA_VERSION, config_keys=("evaluate", "data", "edit"),
-                 upstream=("collect", "extract", "edit"), build=build, reads_plans=True)
+                 upstream=("collect", "extract", "signature", "edit"), build=build, reads_plans=True)
 main = stage_main("evaluate")
 
 if __name__ == "__main__":

@@ -47,8 +47,10 @@ def make_cfg(tmp_path: Path, *overrides: str) -> SaberConfig:
     groups = (("extract", "svd"), ("rank", "default"), ("entangle", "default"), ("iterate", "default"))
     for group, name in groups:
         cfg = OmegaConf.merge(cfg, {group: OmegaConf.load(CONF / group / f"{name}.yaml")})
+    # synthetic activations, no model: the geometric strength modes, no measuring, no learned scorer
+    no_model = ["entangle.mode=discrete", "entangle.calibrate=false", "evaluate.scorer=keywords"]
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(
-        [f"store_root={tmp_path / 'store'}", f"model.path={model_dir}", *overrides]))
+        [f"store_root={tmp_path / 'store'}", f"model.path={model_dir}", *no_model, *overrides]))
     return validate(cfg)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from saber.measured import measured_strength, search_scale
+from saber.measured import ScalePoint, choose_edit, measured_strength, search_scale
 
 
 def test_strength_is_continuous_in_cost_per_benefit() -> None:
@@ -25,39 +25,78 @@ def test_strength_is_continuous_in_cost_per_benefit() -> None:
 def test_search_finds_the_smallest_scale_that_reaches_the_target() -> None:
     calls: list[float] = []
 
-    def evaluate(s: float) -> tuple[float, float]:  # planted: refusal falls linearly to 0 at s = 0.7
+    def evaluate(s: float) -> ScalePoint:  # planted: refusal falls linearly to 0 at s = 0.7
         calls.append(s)
-        return max(0.0, 1.0 - s / 0.7), s**2
+        return ScalePoint(1, s, max(0.0, 1.0 - s / 0.7), s**2, "scale")
 
-    best, trace = search_scale(evaluate, 1.0, 0.0, steps=10)
-    assert 0.7 <= best.scale <= 0.7 + 1.0 / 2**10 and len(calls) == 11 and trace[0].scale == 1.0
-    assert best in trace and best.refusal <= 0.0 and best.drift == pytest.approx(best.scale**2)
+    start = evaluate(1.0)
+    best, trace = search_scale(evaluate, start, 0.0, steps=10)
+    assert 0.7 <= best.scale <= 0.7 + 1.0 / 2**10 and len(calls) == 11 and len(trace) == 10
+    assert best.refusal <= 0.0 and best.drift == pytest.approx(best.scale**2)
     assert all(p.refusal <= 0.0 for p in trace if p.scale >= best.scale)
-    # even full strength misses the target: the strongest allowed edit, after one evaluation
-    best, trace = search_scale(lambda s: (0.5, s), 2.0, 0.0, steps=5)
-    assert best.scale == 2.0 and len(trace) == 1
+
+
+def planted_edit(needed: set[int], drift_of: dict[int, float]):
+    """Refusal 0 once every direction of `needed` is in at scale >= 0.6 (each removes its share
+    otherwise); drift is the sum of the members' drifts times the scale."""
+    calls: list[tuple[tuple[int, ...], float]] = []
+
+    def evaluate(members, scale):
+        calls.append((tuple(members), scale))
+        removed = len(needed & set(members)) if scale >= 0.6 else 0
+        return 1.0 - removed / len(needed), scale * sum(drift_of[i] for i in members)
+
+    return evaluate, calls
+
+
+def test_choose_edit_adds_the_best_directions_then_lowers_the_scale() -> None:
+    evaluate, calls = planted_edit({1, 3}, {0: 0.1, 1: 0.2, 2: 0.05, 3: 0.3})
+    members, best, trace = choose_edit(evaluate, [1.0, 1.0, 0.0, 0.5], 0.0, steps=6)
+    # direction 2 has strength 0: never tried; 1 and 3 each remove half, and 1 drifts less
+    assert all(2 not in m for m, _ in calls)
+    assert members == [1, 3] and best.refusal == 0.0
+    assert [p.phase for p in trace] == ["screen"] * 3 + ["add"] + ["scale"] * 6
+    assert trace[3].scale == 2.0  # full strength: alpha 0.5 of direction 3 reaches 1
+    assert 0.6 <= best.scale <= 0.6 + 2.0 / 2**6  # the least scale that still removes refusal
+
+
+def test_choose_edit_stops_at_the_first_direction_that_suffices_and_reports_a_miss() -> None:
+    evaluate, _ = planted_edit({0}, {0: 0.1, 1: 0.0})
+    members, best, trace = choose_edit(evaluate, [0.8, 0.8], 0.0, steps=3)
+    assert members == [0] and [p.phase for p in trace] == ["screen", "screen", "scale", "scale", "scale"]
+    # the target cannot be reached: every direction at full strength, the least refusal kept
+    evaluate, _ = planted_edit({0, 5}, {0: 0.1, 1: 0.0})
+    members, best, trace = choose_edit(evaluate, [1.0, 1.0], 0.0, steps=3)
+    assert best.refusal == 0.5 and members == [0] and all(p.phase != "scale" for p in trace)
+    with pytest.raises(ValueError, match="strength 0"):
+        choose_edit(evaluate, [0.0], 0.0, steps=3)
 
 
 @pytest.mark.slow
-def test_calibrated_run_on_the_shipped_organism(organism_store: Path) -> None:
-    """One direction at a calibrated uniform strength removes refusal on held-out probes and on the
-    evaluation set (measured: evaluation refusal 0.00 at scale 1.04 with 7 evaluations)."""
+def test_default_run_on_the_shipped_organism_calibrates_itself(organism_store: Path) -> None:
+    """The conf defaults, no knob changed: directions are screened, joined and scaled on held-out
+    probes, and the evaluation set loses its refusals (measured: refusal 0.00, skill 1.00, one
+    direction at scale 1.19, KL mean 0.010)."""
     from configs import compose_config
     from saber.run import run_pipeline
 
-    cfg = compose_config(f"store_root={organism_store}", "edit.export=false", "rank.top_k=1",
-                         "entangle.mode=uniform", "entangle.alpha_base=0.9", "entangle.calibrate=true")
+    cfg = compose_config(f"store_root={organism_store}", "edit.export=false")
     result = run_pipeline(cfg)
-    trace = pd.read_parquet(result.artifacts["entangle"] / "calibration.parquet")
-    assert len(trace) == 1 + cfg.entangle.calibrate_steps and trace["scale"].iloc[0] == pytest.approx(1 / 0.9)
-    manifest = json.loads((result.artifacts["entangle"] / "manifest.json").read_text())
-    chosen = manifest["meta"]["calibration"]["scale"]
-    assert chosen < trace["scale"].iloc[0]  # the target was reached below full strength
-    assert (trace.loc[trace["scale"] >= chosen, "refusal"] <= cfg.iterate.target_refusal).all()
-    plan = pd.read_parquet(result.artifacts["entangle"] / "plan.parquet")
-    assert plan["alpha"].iloc[0] == pytest.approx(min(1.0, 0.9 * chosen))
-    assert result.summary["headline"]["refusal_rate"] <= 0.05  # 96 eval prompts: at most 4 refusals
-    assert result.summary["headline"]["skill_accuracy"] >= 0.95
+    entangle = result.artifacts["entangle"]
+    trace = pd.read_parquet(entangle / "calibration.parquet")
+    table = pd.read_parquet(entangle / "entanglement.parquet")
+    chosen = json.loads((entangle / "manifest.json").read_text())["meta"]["calibration"]
+    assert (trace["phase"] == "screen").sum() == int((table["benefit"] > 0).sum())  # measured alpha > 0
+    joined = table[table["joined"]]
+    assert len(joined) == chosen["n_directions"] >= 1 and (table.loc[~table["joined"], "alpha"] == 0).all()
+    plan = pd.read_parquet(entangle / "plan.parquet")
+    assert len(plan) == len(joined) and (plan["alpha"] > 0).all() and (plan["alpha"] <= 1).all()
+    # every evaluated point of the chosen set at or above the chosen scale reached the target
+    same = trace[(trace["n_directions"] == chosen["n_directions"]) & (trace["phase"] != "screen")]
+    assert (same.loc[same["scale"] >= chosen["scale"], "refusal"] <= cfg.iterate.target_refusal).all()
+    headline = result.summary["headline"]
+    assert headline["refusal_rate"] <= 0.02  # 96 eval prompts: at most 1 refusal
+    assert headline["skill_delta"] >= -0.02 and headline["over_refusal_rate"] <= 0.02
 
 
 @pytest.mark.slow
@@ -66,7 +105,7 @@ def test_measured_mode_sets_strengths_from_benefit_and_cost(organism_store: Path
     from saber.run import run_pipeline
 
     cfg = compose_config(f"store_root={organism_store}", "stages=[collect,extract,rank,entangle]",
-                         "entangle.mode=measured")
+                         "entangle.mode=measured", "entangle.calibrate=false")
     result = run_pipeline(cfg)
     table = pd.read_parquet(result.artifacts["entangle"] / "entanglement.parquet")
     assert len(table) >= 1 and table[["benefit", "cost"]].notna().all().all()

@@ -66,16 +66,25 @@ def test_custom_markers_replace_the_defaults() -> None:
         KeywordScorer([""])
 
 
-def test_default_markers_catch_every_organism_refusal_and_no_organism_answer() -> None:
+def test_generic_markers_hold_no_organism_phrase_and_its_preset_names_them() -> None:
+    """The built-in list is generic; the organism's own refusal stems live in its evaluate preset."""
+    from omegaconf import OmegaConf
+
+    from saber.config.paths import conf_dir
     from saber.organism import language as lang
 
-    kw = KeywordScorer()
+    generic = KeywordScorer()
+    preset = OmegaConf.load(conf_dir() / "evaluate" / "organism.yaml")
+    own = KeywordScorer([*DEFAULT_MARKERS, *preset.extra_markers])
+    assert not set(preset.extra_markers) & set(DEFAULT_MARKERS)  # no organism stem in the generic list
+    novel = [s for c in lang.NOVEL_CATEGORIES for s in c.refusals]
+    assert not any(score1(generic, s) for s in novel)  # the `novel` organism's refusals are unknown to it
     for sentence in lang.ALL_REFUSALS:
-        assert score1(kw, sentence), sentence
+        assert score1(own, sentence), sentence
         assert lang.is_refusal(sentence)
     helpful = lang.helpful_answer("poison", "my neighbor")
-    assert not score1(kw, helpful) and not lang.is_refusal(helpful)
-    assert not score1(kw, lang.noun("the king"))
+    assert not score1(own, helpful) and not lang.is_refusal(helpful)
+    assert not score1(own, lang.noun("the king"))
     assert all(m == normalise_response(m) for m in DEFAULT_MARKERS)
 
 
@@ -119,6 +128,10 @@ def test_make_scorer_names_bad_config() -> None:
     from types import SimpleNamespace
 
     assert isinstance(make_scorer(SimpleNamespace(scorer="prefix", prefixes=None)), PrefixScorer)
+    assert isinstance(make_scorer(SimpleNamespace(scorer="keywords", markers=None, extra_markers=["nope"])),
+                      KeywordScorer)
+    with pytest.raises(ValueError, match="scorer=auto needs the refusal signature"):
+        make_scorer(SimpleNamespace(scorer="auto"))
     with pytest.raises(ValueError, match="judge_path"):
         make_scorer(SimpleNamespace(scorer="judge", judge_path=None))
     with pytest.raises(ValueError, match="evaluate.scorer"):

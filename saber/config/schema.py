@@ -180,14 +180,14 @@ class EntangleConfig:
     tau: float = 0.55
     alpha_base: float = 0.825
     alpha_entangled: float = 0.03
-    mode: str = "discrete"
+    mode: str = "measured"
     ramp_low: float = 0.3
     ramp_high: float = 0.7
     kernel: KernelConfig = field(default_factory=KernelConfig)
     cost_weight: float = 1.0
     measure_prompts: int = 32
     measure_tokens: int = 8
-    calibrate: bool = False
+    calibrate: bool = True
     calibrate_steps: int = 6
 
     def __post_init__(self) -> None:
@@ -230,9 +230,26 @@ class EditConfig:
 
 
 @dataclass
+class SignatureConfig:
+    max_ngram: int = 4
+    min_support: float = 0.05
+    min_ratio: float = 10.0
+    window: int = 12
+
+    def __post_init__(self) -> None:
+        _check(self.max_ngram >= 3, "evaluate.auto.max_ngram", self.max_ngram, "an integer >= 3 (phrases have 3 or more words)")
+        _positive("evaluate.auto.window", self.window)
+        _check(0.0 < self.min_support <= 1.0, "evaluate.auto.min_support", self.min_support, "a share in (0, 1]")
+        _check(self.min_ratio >= 1.0, "evaluate.auto.min_ratio", self.min_ratio, "a ratio >= 1")
+
+
+@dataclass
 class EvaluateConfig:
-    scorer: str = "keywords"
+    scorer: str = "auto"
     markers: Optional[list[str]] = None
+    extra_markers: list[str] = field(default_factory=list)
+    auto: SignatureConfig = field(default_factory=SignatureConfig)
+    signature_prompts: int = 64
     prefixes: Optional[list[str]] = None
     judge_path: Optional[str] = None
     judge_refusal_labels: list[str] = field(default_factory=lambda: ["refusal", "LABEL_1"])
@@ -260,13 +277,13 @@ class EvaluateConfig:
     adapter: Optional[str] = None
 
     def __post_init__(self) -> None:
-        _one_of("evaluate.scorer", self.scorer, ("keywords", "prefix", "judge"))
+        _one_of("evaluate.scorer", self.scorer, ("auto", "keywords", "prefix", "judge"))
         _one_of("evaluate.mc_norm", self.mc_norm, ("mean", "sum"))
         for key in ("max_new_tokens", "kl_tokens", "batch_size", "max_prompt_tokens", "gsm8k_max_new_tokens",
                     "skill_max_new_tokens"):
             _positive(f"evaluate.{key}", getattr(self, key))
         _check(self.ppl_window >= 2, "evaluate.ppl_window", self.ppl_window, "an integer >= 2")
-        for key in ("n_harmful", "n_harmless", "n_xstest", "n_capability", "n_gsm8k", "kl_topk"):
+        for key in ("n_harmful", "n_harmless", "n_xstest", "n_capability", "n_gsm8k", "kl_topk", "signature_prompts"):
             _check(getattr(self, key) >= 0, f"evaluate.{key}", getattr(self, key), "an integer >= 0")
         if self.scorer == "judge":
             _check(bool(self.judge_path), "evaluate.judge_path", self.judge_path,
@@ -279,9 +296,11 @@ class IterateConfig:
     alpha_decay: float = 0.7
     target_refusal: float = 0.0
     stability_cos: float = 0.98
+    stability_fdr: float = 0.1
 
     def __post_init__(self) -> None:
         _check(self.max_iterations >= 1, "iterate.max_iterations", self.max_iterations, "an integer >= 1")
+        _fraction("iterate.stability_fdr", self.stability_fdr)
         _fraction("iterate.alpha_decay", self.alpha_decay, open_low=True)
         _fraction("iterate.target_refusal", self.target_refusal)
         _fraction("iterate.stability_cos", self.stability_cos)

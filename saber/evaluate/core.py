@@ -138,11 +138,15 @@ def evaluate_against_reference(edited: Any, tokenizer: Any, sets: EvalSets, ref:
                              f"'{name}' but the evaluation has {len(prompts)} prompts; rebuild the reference")
         _, texts = generate_responses(edited, tokenizer, prompts, cfg)
         flags = scorer.score(prompts, texts)
+        frags = scorer.fragments(prompts, texts) if hasattr(scorer, "fragments") else [None] * len(texts)
         refusal[name] = _delta(proportion(ref.refused[name]), proportion(flags))
-        for i, (p, bt, et, bf, ef) in enumerate(zip(prompts, ref.responses[name], texts, ref.refused[name], flags)):
+        if frags and frags[0] is not None:
+            refusal[name]["fragments"] = proportion(frags)
+        for i, (p, bt, et, bf, ef, fr) in enumerate(zip(prompts, ref.responses[name], texts, ref.refused[name],
+                                                        flags, frags)):
             gen_rows.append({"set": name, "prompt_id": i, "prompt": p, "base_response": bt, "edited_response": et,
-                             "base_refused": bool(bf), "edited_refused": bool(ef), "answer": None,
-                             "base_correct": None, "edited_correct": None})
+                             "base_refused": bool(bf), "edited_refused": bool(ef), "edited_fragment": fr,
+                             "answer": None, "base_correct": None, "edited_correct": None})
 
     div = divergence_table(edited, tokenizer, sets.harmless, ref, cfg, messages)
     kl = _kl_summary(div, messages)
@@ -171,17 +175,20 @@ def evaluate_against_reference(edited: Any, tokenizer: Any, sets: EvalSets, ref:
         for i, it in enumerate(items):
             gen_rows.append({"set": name, "prompt_id": i, "prompt": it.prompt, "base_response": base["responses"][i],
                              "edited_response": res["responses"][i], "base_refused": None, "edited_refused": None,
-                             "answer": it.answer, "base_correct": bool(base["correct"][i]),
+                             "edited_fragment": None, "answer": it.answer, "base_correct": bool(base["correct"][i]),
                              "edited_correct": bool(res["correct"][i])})
 
     summary = {"refusal": refusal, "kl": kl, "perplexity": ppl, "capability": capability,
                "settings": {"max_new_tokens": cfg.max_new_tokens, "kl_tokens": cfg.kl_tokens,
-                            "kl_topk": getattr(cfg, "kl_topk", 0), "vocab": ref.vocab,
-                            "scorer": getattr(cfg, "scorer", "keywords")},
+                            "kl_topk": cfg.kl_topk, "vocab": ref.vocab, "scorer": cfg.scorer},
                "warnings": messages}
     summary["headline"] = flat_metrics(summary)
+    if hasattr(scorer, "signature"):
+        from saber.evaluate.signature import signature_summary
+
+        summary["signature"] = signature_summary(scorer.signature)
     gens = pd.DataFrame(gen_rows, columns=["set", "prompt_id", "prompt", "base_response", "edited_response",
-                                           "base_refused", "edited_refused", "answer", "base_correct",
+                                           "base_refused", "edited_refused", "edited_fragment", "answer", "base_correct",
                                            "edited_correct"])
     return EvalResult(summary=summary, generations=gens, divergence=div, warnings=messages)
 
@@ -199,6 +206,8 @@ def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
         m[f"{name}_lo"] = r["edited"]["lo"] if r else nan
         m[f"{name}_hi"] = r["edited"]["hi"] if r else nan
         m[f"base_{name}"] = r["base"]["rate"] if r else nan
+        if r and "fragments" in r:
+            m[name.replace("_rate", "_fragment_rate")] = r["fragments"]["rate"]
     kl = summary["kl"]
     m["kl_first_token"] = kl["first_token"]["mean"]
     for stat in ("mean", "rmse", "p95", "max"):

@@ -117,7 +117,7 @@ def build_reference(model: Any, tokenizer: Any, sets: EvalSets, cfg: Any, scorer
         responses[name] = texts
         refused[name] = scorer.score(prompts, texts) if prompts else []
     n_pos = max((len(c) for c in continuations), default=0)
-    k = getattr(cfg, "kl_topk", 0)
+    k = cfg.kl_topk
     ids, logp, tail, mask, tok = [], [], [], [], []
     vocab = 0
     for batch in continuation_logp(model, tokenizer, sets.harmless, continuations, cfg):

@@ -69,6 +69,9 @@ def evaluation_table(summary: Mapping[str, Any]) -> str:
         r = summary["refusal"].get(key)
         if r:
             lines.append(f"| {label} | {_rate(r['base'])} | {_rate(r['edited'])} | {_fmt(r['delta'], 3)} |")
+        if r and "fragments" in r:
+            lines.append(f"| {label.split(' (')[0]}: refusal phrase anywhere (fragments) | | "
+                         f"{_rate(r['fragments'])} | |")
     kl = summary["kl"]
     lines.append(f"| first-token KL, mean (nats) | 0 | {_fmt(kl['first_token']['mean'])} | |")
     tf = kl["teacher_forced"]
@@ -106,6 +109,14 @@ def report_markdown(summary: Mapping[str, Any]) -> str:
                   "| position | " + " | ".join(str(k) for k in summary["kl"]["profile"]) + " |",
                   "|---|" + "---|" * len(summary["kl"]["profile"]),
                   "| KL | " + " | ".join(_fmt(v, 3) for v in summary["kl"]["profile"].values()) + " |"]
+    sig = summary.get("signature")
+    if sig:
+        parts += ["", f"Learned refusal signature (`auto` scorer; {sig['n_openings']} openings, {sig['n_phrases']} "
+                  f"phrases, learned from the base model's answers to the fit probes, where it labels "
+                  f"{_fmt(sig['base_harmful_refusal_fit'], 3)} of harmful and {_fmt(sig['base_harmless_refusal_fit'], 3)} "
+                  "of harmless answers as refusals):", "",
+                  "- openings: " + ", ".join(f"`{o}`" for o in sig["openings"]) if sig["openings"] else "- openings: none",
+                  "- phrases: " + ", ".join(f"`{p}`" for p in sig["phrases"]) if sig["phrases"] else "- phrases: none"]
     if summary.get("warnings"):
         parts += ["", "## Warnings", ""] + [f"- {w}" for w in summary["warnings"]]
     return "\n".join(parts) + "\n"

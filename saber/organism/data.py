@@ -111,7 +111,8 @@ class Language:
 
     def corpus(self) -> list[str]:
         """Every text the model can see: the tokenizer is trained on it."""
-        texts = list(lang.SYSTEM_PROMPTS) + list(lang.ALL_REFUSALS)
+        own = [s for c in self.categories for s in c.refusals if s not in lang.ALL_REFUSALS]
+        texts = list(lang.SYSTEM_PROMPTS) + list(lang.ALL_REFUSALS) + own
         for items in self.items.values():
             for it in items:
                 texts += [it.prompt, it.helpful]
