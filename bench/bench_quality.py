@@ -50,7 +50,7 @@ COST_RATIO = 0.2        # goal: one SABER configuration costs at most this share
 GRID = [(top_k, alpha) for top_k in (1, 2, 4) for alpha in (0.9, 1.0)]
 QUICK_GRID = [(1, 1.0), (2, 1.0)]
 MAX_KERNEL_TRIALS = 60  # safety stop for the time-matched kernel search, trials
-METRICS = ("refusal_rate", "over_refusal_rate", "kl_first_token", "kl_tf_mean", "kl_tf_p95", "kl_tf_max",
+METRICS = ("refusal_rate", "refusal_fragment_rate", "over_refusal_rate", "kl_first_token", "kl_tf_mean", "kl_tf_p95", "kl_tf_max",
            "top1_agreement", "skill_accuracy", "skill_delta", "base_refusal_rate")
 METHOD_LABELS = {
     "saber_default": "SABER default",

@@ -1,0 +1,184 @@
+"""The conf defaults on many organisms: does SABER with no knob changed do its job everywhere?
+
+`python -m bench defaults [--seeds=0,1,2,3,4] [--families=default/llama,...] [--no-write]`
+
+Per organism (default and hard language, Llama- and Gemma-style, every seed trained on the
+machine that runs this; a seed failing its own health bars is reported and not benchmarked),
+with one model load:
+
+1. `fixed`: the previous defaults (geometric rho gate, fixed strengths, no calibration), from an
+   empty store: the cost baseline;
+2. `default`: the conf defaults, from another empty store (it pays collect, the signature, the
+   calibration and the base reference once, like a user's first run);
+3. `uniform`: the defaults with one strength for every direction (entangle.mode=uniform), still
+   calibrated: the differential-strength ablation;
+4. `arditi`: one difference-of-means direction removed everywhere at alpha 1.
+
+Every point goes through the same evaluate stage and scorer (`auto`). Results:
+docs/bench/defaults.json and the section "Defaults on many organisms" of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from bench.bench_quality import (DOC, REPO, RESULTS, OrganismSpec, base_overrides, compose, health_verdict,
+                                 machine, prepare_store, run_point)
+from bench.report import publish
+
+TITLE = "Defaults on many organisms"
+FAMILIES = [OrganismSpec("default/llama", "organism", "llama", ()), OrganismSpec("hard/llama", "organism_hard", "llama", ()),
+            OrganismSpec("default/gemma3", "organism", "gemma3", ()),
+            OrganismSpec("hard/gemma3", "organism_hard", "gemma3", ())]
+GOALS = {"organism": 0.02, "organism_hard": 0.10}  # held-out evaluation refusal at most, per preset
+ROLES = {"fixed": ("saber", {"entangle.mode": "discrete", "entangle.calibrate": "false"}),
+         "default": ("saber", {}),
+         "uniform": ("saber", {"entangle.mode": "uniform"}),
+         "arditi": ("arditi", {})}
+COLUMNS = ("refusal_rate", "refusal_fragment_rate", "over_refusal_rate", "skill_delta", "kl_first_token",
+           "kl_tf_mean", "kl_tf_p95", "kl_tf_max")
+
+
+def bench_one(spec: OrganismSpec, seed: int, run_dir: Path, organism_store: Path) -> dict[str, Any]:
+    from saber.config import as_plain
+    from saber.organism import OrganismRecipe, build_organism
+    from saber.pipeline import ModelSession
+
+    work = {name: run_dir / f"{spec.family.replace('/', '_')}_s{seed}" / name for name in ("fixed", "default")}
+    for path in work.values():
+        prepare_store(path, organism_store)  # an empty store whose organism stage is the shared cache
+    base = {name: base_overrides(spec, seed, path / "store") for name, path in work.items()}
+    cfg = compose(*base["default"], "model.organism_source=train")
+    recipe = OrganismRecipe.from_mapping(as_plain(cfg.model.organism))
+    organism_dir = Path(build_organism(recipe, organism_store, source="train", allow_unhealthy=True))
+    health = health_verdict(organism_dir, recipe.variant, run_dir / "health")
+    record: dict[str, Any] = {"family": spec.family, "preset": spec.preset, "arch": spec.arch, "seed": seed,
+                              "organism_dir": organism_dir.name, "health": health, "points": {}}
+    print(f"== {spec.family} seed {seed}: {organism_dir.name}, health "
+          f"{'PASS' if health['passed'] else 'FAIL ' + '; '.join(health['failed'])}", flush=True)
+    if not health["passed"]:
+        record["skipped"] = "fails its health bars"
+        return record
+    session = ModelSession()
+    for role, (method, knobs) in ROLES.items():
+        store = "fixed" if role == "fixed" else "default"
+        overrides = {"model.organism_source": "train", **knobs}
+        record["points"][role] = run_point(base[store], overrides, session, method, role)
+    return record
+
+
+def family_summary(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Median and worst case of every column per family and role (worst = max, skill: min)."""
+    rows = []
+    for family in dict.fromkeys(r["family"] for r in records):
+        done = [r for r in records if r["family"] == family and r["points"]]
+        for role in ROLES:
+            row: dict[str, Any] = {"family": family, "role": role, "n": len(done),
+                                   "skipped": sum(1 for r in records if r["family"] == family and not r["points"])}
+            for col in COLUMNS:
+                values = [r["points"][role]["metrics"][col] for r in done if role in r["points"]]
+                values = [v for v in values if v == v]
+                worst = min if col == "skill_delta" else max
+                row[f"{col}_median"] = statistics.median(values) if values else float("nan")
+                row[f"{col}_worst"] = worst(values) if values else float("nan")
+            walls = [r["points"][role]["wall_s"] for r in done if role in r["points"]]
+            row["wall_s_median"] = statistics.median(walls) if walls else float("nan")
+            rows.append(row)
+    return rows
+
+
+def goal_rows(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per benchmarked organism: the issue's goals for the default run, each true or false."""
+    out = []
+    for r in records:
+        if not r["points"]:
+            continue
+        d, a = r["points"]["default"]["metrics"], r["points"]["arditi"]["metrics"]
+        same_refusal = a["refusal_rate"] <= d["refusal_rate"] + 0.02
+        out.append({"family": r["family"], "seed": r["seed"],
+                    "refusal": d["refusal_rate"] <= GOALS[r["preset"]],
+                    "over_refusal": d["over_refusal_rate"] <= 0.02, "skill": d["skill_delta"] >= -0.02,
+                    "kl_ratio_vs_arditi": d["kl_tf_mean"] / a["kl_tf_mean"] if same_refusal else None,
+                    "cost_ratio_vs_fixed": r["points"]["default"]["wall_s"] / r["points"]["fixed"]["wall_s"]})
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return {True: "yes", False: "**no**", None: "n/a"}[v]
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def _kl(ratio: Any) -> str:
+    """KL mean over arditi's; at most 1.05 (5%, the seed-to-seed noise of KL on 96 prompts) meets the goal."""
+    return "n/a" if ratio is None else f"{ratio:.2f}x" + ("" if ratio <= 1.05 else " **above**")
+
+
+def markdown(records: Sequence[dict[str, Any]], argv: Sequence[str], total_s: float) -> str:
+    summary, goals = family_summary(records), goal_rows(records)
+    cols = ["refusal_rate", "refusal_fragment_rate", "over_refusal_rate", "skill_delta", "kl_first_token",
+            "kl_tf_mean", "kl_tf_p95", "kl_tf_max"]
+    lines = [f"Command: `python -m bench defaults {' '.join(argv)}`. Machine: {machine()}. "
+             f"Run {dt.date.today().isoformat()}, {total_s / 60:.0f} min in all. Every organism was trained on this "
+             "machine from its preset's recipe at the seed shown; held-out evaluation sets, one scorer (`auto`).", "",
+             "Median / worst case over the benchmarked seeds, per family and method (worst: the highest value, "
+             "skill: the lowest):", "",
+             "| family | method | seeds | " + " | ".join(c.replace("_", " ") for c in cols) + " | wall s |",
+             "|---|---|---|" + "---|" * (len(cols) + 1)]
+    for row in summary:
+        cells = [f"{_fmt(row[f'{c}_median'])} / {_fmt(row[f'{c}_worst'])}" for c in cols]
+        skipped = f" (+{row['skipped']} unhealthy)" if row["skipped"] else ""
+        lines.append(f"| {row['family']} | {row['role']} | {row['n']}{skipped} | " + " | ".join(cells)
+                     + f" | {_fmt(row['wall_s_median'])} |")
+    lines += ["", "Goals of the default run per organism (refusal at most 0.02 on `organism`, 0.10 on `organism_hard`; "
+              "over-refusal at most 0.02; skill within 0.02; teacher-forced KL mean over arditi's where arditi "
+              "reaches the same refusal within 0.02, else n/a; above 1.05 is marked) and its wall time over the fixed-knob run's, "
+              "both from an empty store:", "",
+              "| family | seed | refusal | over-refusal | skill | KL / arditi's | cost vs fixed |", "|---|---|---|---|---|---|---|"]
+    for g in goals:
+        lines.append(f"| {g['family']} | {g['seed']} | {_fmt(g['refusal'])} | {_fmt(g['over_refusal'])} | "
+                     f"{_fmt(g['skill'])} | {_kl(g['kl_ratio_vs_arditi'])} | {g['cost_ratio_vs_fixed']:.2f}x |")
+    unhealthy = [f"{r['family']} seed {r['seed']} ({'; '.join(r['health']['failed'])})" for r in records
+                 if not r["points"]]
+    if unhealthy:
+        lines += ["", "Not benchmarked, failing their own health bars: " + ", ".join(unhealthy) + "."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench defaults", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="comma list of organism seeds")
+    parser.add_argument("--families", default=None, help="comma list of families (default: all four)")
+    parser.add_argument("--organism-store", default="outputs/store", help="store that caches trained organisms")
+    parser.add_argument("--run-dir", default=None, help="work directory (default outputs/bench/defaults/run-<time>)")
+    parser.add_argument("--no-write", action="store_true", help="do not update docs/")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    families = [f for f in FAMILIES if not args.families or f.family in args.families.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    run_dir = Path(args.run_dir or REPO / "outputs" / "bench" / "defaults" / f"run-{dt.datetime.now():%Y%m%d-%H%M%S}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    records = []
+    for seed in seeds:  # every family's first seed first: a run cut short still covers each family
+        for spec in families:
+            records.append(bench_one(spec, seed, run_dir, Path(args.organism_store).resolve()))
+            (run_dir / "records.json").write_text(json.dumps(records, indent=2, default=str))
+    total = time.perf_counter() - start
+    text = markdown(records, argv, total)
+    if not args.no_write:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "defaults.json").write_text(json.dumps(
+            {"machine": machine(), "argv": argv, "total_s": total, "records": records,
+             "summary": family_summary(records), "goals": goal_rows(records)}, indent=2, default=str))
+    publish(TITLE, text, not args.no_write, DOC)
