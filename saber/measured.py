@@ -112,7 +112,8 @@ class ScalePoint:
 
 
 def calibrate(model: Any, directions: Sequence[tuple[int, int, torch.Tensor, float]], edit_cfg: Any,
-              refusal: Any, drift: OwnAnswers, target: float, steps: int) -> tuple[list[int], ScalePoint, list[ScalePoint]]:
+              refusal: Any, drift: OwnAnswers, target: float, steps: int,
+              max_drift: Optional[float] = None) -> tuple[list[int], ScalePoint, list[ScalePoint]]:
     """The least edit of `directions` (layer, index, vector, alpha) that reaches `target` (choose_edit).
 
     `refusal(model) -> rate` is measured on the held-out harmful probes, `drift` on held-out
@@ -125,21 +126,24 @@ def calibrate(model: Any, directions: Sequence[tuple[int, int, torch.Tensor, flo
         finally:
             handle.revert()
 
-    return choose_edit(evaluate, [d[3] for d in directions], target, steps)
+    return choose_edit(evaluate, [d[3] for d in directions], target, steps, max_drift)
 
 
-def choose_edit(evaluate: Any, alphas: Sequence[float], target: float,
-                steps: int) -> tuple[list[int], ScalePoint, list[ScalePoint]]:
+def choose_edit(evaluate: Any, alphas: Sequence[float], target: float, steps: int,
+                max_drift: Optional[float] = None) -> tuple[list[int], ScalePoint, list[ScalePoint]]:
     """Which directions, at what global scale: the least edit that reaches `target` refusal.
 
     `evaluate(members, scale) -> (refusal, drift)` with every alpha of `members` times `scale`
-    (capped at 1); a direction with alpha 0 never joins.
+    (capped at 1); a direction with alpha 0 never joins. A point with drift above `max_drift`
+    (None: no budget) is never chosen.
 
     1. "screen": each direction removed alone at full strength; they join in order of the
        refusal left (least first), then drift.
-    2. "add": the first n = 2, 3, ... at full strength until refusal reaches the target (or they
-       run out: the n with the least refusal is kept, and the trace says so).
-    3. "scale": bisection of the global scale of those n (search_scale).
+    2. "add": the first n = 2, 3, ... at full strength until refusal reaches the target within
+       the budget, or the budget is exceeded, or they run out; the point with the least refusal
+       within the budget is kept (the trace shows a miss).
+    3. "scale": bisection of the global scale of those directions: the smallest scale that still
+       reaches the target, or, when even the kept point is over budget, the largest within it.
 
     Returns the indices of the joined directions, the chosen point and the trace.
     """
@@ -149,38 +153,53 @@ def choose_edit(evaluate: Any, alphas: Sequence[float], target: float,
     def full(members: Sequence[int]) -> float:  # every alpha reaches 1
         return 1.0 / min(alphas[i] for i in members)
 
+    def within(p: ScalePoint) -> bool:
+        return max_drift is None or p.drift <= max_drift
+
+    def reached(p: ScalePoint) -> bool:
+        return p.refusal <= target and within(p)
+
     live = [i for i, a in enumerate(alphas) if a > 0]
     if not live:
         raise ValueError("calibration: every direction has strength 0; nothing to calibrate")
     screen = {i: point([i], full([i]), "screen") for i in live}
-    order = sorted(live, key=lambda i: (screen[i].refusal, screen[i].drift))
+    order = sorted(live, key=lambda i: (not within(screen[i]), screen[i].refusal, screen[i].drift))
     added = [screen[order[0]]]
     for n in range(2, len(order) + 1):
-        if added[-1].refusal <= target:
+        if reached(added[-1]) or not within(added[-1]):
             break
         added.append(point(order[:n], full(order[:n]), "add"))
     trace = [screen[i] for i in live] + added[1:]
-    start = min(added, key=lambda p: (p.refusal, p.n_directions))
+    start = min([p for p in added if within(p)] or added, key=lambda p: (p.refusal, p.n_directions))
     members = order[: start.n_directions]
-    if not start.refusal <= target:
+    if reached(start):
+        best, more = search_scale(lambda s: point(members, s, "scale"), start, reached, steps, smallest=True)
+    elif not within(start):
+        best, more = search_scale(lambda s: point(members, s, "scale"), start, within, steps, smallest=False)
+    else:
         return members, start, trace
-    best, more = search_scale(lambda s: point(members, s, "scale"), start, target, steps)
     return members, best, trace + more
 
 
-def search_scale(evaluate: Any, start: ScalePoint, target: float, steps: int) -> tuple[ScalePoint, list[ScalePoint]]:
-    """The evaluated point with the smallest scale in (0, start.scale] whose refusal is at or below `target`.
+def search_scale(evaluate: Any, start: ScalePoint, accept: Any, steps: int,
+                 smallest: bool = True) -> tuple[ScalePoint, list[ScalePoint]]:
+    """Bisection of the scale in (0, start.scale], `steps` evaluations of `evaluate(s) -> ScalePoint`.
 
-    `evaluate(s) -> ScalePoint`; `start` reaches the target. Drift grows with the scale, so the
-    smallest scale that reaches the target is the least-drift one. Refusal is taken as
-    non-increasing in the scale; bisection then needs `steps` evaluations.
+    smallest=True: the smallest accepted scale, `start` being accepted (refusal falls as the scale
+    grows, so the least scale that reaches the target is the least-drift one). smallest=False:
+    the largest accepted scale, `start` not accepted (drift grows with the scale: the strongest
+    edit within the drift budget); `start` itself when no scale is accepted.
     """
-    best, trace, lo = start, [], 0.0
+    best, trace, lo, hi = start, [], 0.0, start.scale
+    found = smallest
     for _ in range(steps):
-        point = evaluate(0.5 * (lo + best.scale))
+        point = evaluate(0.5 * (lo + hi))
         trace.append(point)
-        if point.refusal <= target:
-            best = point
+        if accept(point) == smallest:
+            hi = point.scale
         else:
             lo = point.scale
+        if accept(point):
+            if smallest or not found or point.scale > best.scale:
+                best, found = point, True
     return best, trace

@@ -19,7 +19,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 log = logging.getLogger("saber.sweep")
-DEFAULT_OBJECTIVES = ("refusal_rate", "kl_tf_mean")
+# chosen on the held-out probe prompts; the evaluation sets' refusal_rate and kl_tf_mean only report
+DEFAULT_OBJECTIVES = ("probe_refusal_rate", "probe_kl_tf_mean")
+REPORTED = ("refusal_rate", "refusal_fragment_rate", "over_refusal_rate", "kl_tf_mean", "kl_first_token")
 
 
 def pareto_mask(values: np.ndarray) -> np.ndarray:
@@ -83,8 +85,7 @@ def plot_pareto(frame: pd.DataFrame, front: pd.DataFrame, objectives: Sequence[s
 
 def leaderboard(frame: pd.DataFrame, front: pd.DataFrame, objectives: Sequence[str]) -> str:
     """Markdown: the Pareto front first, then every job sorted by the objectives."""
-    shown = ["job", *objectives, *[c for c in ("over_refusal", "kl_first_token", "capability") if c in frame],
-             "overrides"]
+    shown = ["job", *objectives, *[c for c in (*REPORTED, "skill_accuracy") if c in frame], "overrides"]
     shown = list(dict.fromkeys(c for c in shown if c in frame.columns))
 
     def table(df: pd.DataFrame) -> str:
@@ -95,7 +96,10 @@ def leaderboard(frame: pd.DataFrame, front: pd.DataFrame, objectives: Sequence[s
         return "\n".join(lines)
 
     ordered = frame.sort_values(list(objectives))
-    return (f"# Sweep leaderboard\n\nObjectives (minimised): {', '.join(objectives)}.\n\n"
+    probes = all(o.startswith("probe_") for o in objectives)
+    chosen = ("The front is chosen on the held-out probe prompts; the evaluation-set columns only report."
+              if probes else "The front is chosen on the evaluation sets themselves, so its numbers are optimistic.")
+    return (f"# Sweep leaderboard\n\nObjectives (minimised): {', '.join(objectives)}. {chosen}\n\n"
             f"## Pareto front ({len(front)} of {len(frame)} jobs)\n\n{table(front)}\n\n"
             f"## All jobs\n\n{table(ordered)}\n")
 

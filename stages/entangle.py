@@ -104,7 +104,8 @@ def calibrate(ctx: StageContext, acts: Any, bases: dict, table: Any) -> tuple[An
                   for r in table.itertuples(index=False)]
     members, chosen, trace = calibrate(model, directions, edit_cfg,
                                        lambda m: refusal_rate(m, tokenizer, harmful, settings, scorer), drift,
-                                       ctx.cfg.iterate.target_refusal, ctx.cfg.entangle.calibrate_steps)
+                                       ctx.cfg.iterate.target_refusal, ctx.cfg.entangle.calibrate_steps,
+                                       ctx.cfg.entangle.max_drift)
     for p in trace:
         log.info("calibration (%s): %d direction(s) at scale %.4f -> held-out refusal %.3f, drift %.4f nats/token",
                  p.phase, p.n_directions, p.scale, p.refusal, p.drift)

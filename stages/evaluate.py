@@ -19,6 +19,10 @@ from stages.cli import stage_main
 log = logging.getLogger("saber.evaluate")
 SCHEMA_VERSION = 4
 REFERENCE_STAGE = "reference"
+PROBE_REFERENCE_STAGE = "probe_reference"
+# held-out probe metrics copied into the headline as probe_*, what sweeps and searches choose on
+PROBE_HEADLINE = ("refusal_rate", "refusal_fragment_rate", "over_refusal_rate", "kl_first_token", "kl_tf_mean",
+                  "kl_tf_p95")
 REFERENCE_SCHEMA_VERSION = 3
 
 
@@ -30,8 +34,23 @@ def reference_config(cfg: Any) -> dict[str, Any]:
     return {"model": as_plain(cfg.model), "evaluate": evaluate, "data": as_plain(cfg.data)}
 
 
-def ensure_reference(ctx: StageContext, sets: Any, settings: Any, scorer: Any) -> Any:
-    """The stored base reference, computing it (base model, no plans) on a cache miss."""
+def probe_sets(ctx: StageContext) -> Any:
+    """The held-out probe prompts of collect (iteration 0) as an evaluation: what sweeps and
+    searches choose on, so that the evaluation sets only report."""
+    import pandas as pd
+
+    from saber.collect import PROMPTS_FILE
+    from saber.evaluate import EvalSets
+
+    prompts = pd.read_parquet(ctx.pipeline.ensure("collect", 0).path / PROMPTS_FILE)
+    heldout = prompts[prompts["split"] == "heldout"]
+    return EvalSets(harmful=heldout[heldout["kind"] == "harmful"]["text"].tolist(),
+                    harmless=heldout[heldout["kind"] == "harmless"]["text"].tolist())
+
+
+def ensure_reference(ctx: StageContext, sets: Any, settings: Any, scorer: Any, *, probes: bool = False) -> Any:
+    """The stored base reference, computing it (base model, no plans) on a cache miss. With
+    `probes`, the reference of the held-out probe sets (keyed by collect's fingerprint)."""
     from saber.evaluate import build_reference, load_reference, save_reference
 
     def build_ref(tmp: Path) -> dict[str, Any]:
@@ -42,8 +61,11 @@ def ensure_reference(ctx: StageContext, sets: Any, settings: Any, scorer: Any) -
     pipeline = ctx.pipeline
     # the base refusal flags depend on the learned signature (which depends on the probe split)
     upstream = {"signature": ctx.upstream["signature"].fingerprint} if ctx.cfg.evaluate.scorer == "auto" else {}
+    if probes:
+        upstream["collect0"] = pipeline.ensure("collect", 0).fingerprint
     art = pipeline.store.get_or_build(
-        REFERENCE_STAGE, REFERENCE_SCHEMA_VERSION, reference_config(ctx.cfg), upstream, pipeline.model_identity(),
+        PROBE_REFERENCE_STAGE if probes else REFERENCE_STAGE, REFERENCE_SCHEMA_VERSION, reference_config(ctx.cfg),
+        upstream, pipeline.model_identity(),
         build_ref, force="evaluate" in pipeline.force_stages, command="python -m stages.evaluate",
     )
     return load_reference(art.path)
@@ -102,6 +124,12 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
         model, tokenizer = ctx.load_model()
         source = "in_memory"
     result = evaluate_against_reference(model, tokenizer, sets, reference, settings, scorer)
+    if cfg.evaluate.probe_metrics:
+        held = probe_sets(ctx)
+        probe = evaluate_against_reference(model, tokenizer, held, ensure_reference(ctx, held, settings, scorer,
+                                                                                    probes=True), settings, scorer)
+        result.summary["probe"] = {k: v for k, v in probe.metrics.items()}
+        result.summary["headline"].update({f"probe_{k}": probe.metrics[k] for k in PROBE_HEADLINE if k in probe.metrics})
     proxy, proxy_table = (residual_proxy(ctx, model, tokenizer) if cfg.evaluate.residual_proxy else (None, None))
     if proxy_table is not None:
         proxy_table.to_parquet(out_dir / "residual_proxy.parquet", index=False)

@@ -30,10 +30,13 @@ def test_search_finds_the_smallest_scale_that_reaches_the_target() -> None:
         return ScalePoint(1, s, max(0.0, 1.0 - s / 0.7), s**2, "scale")
 
     start = evaluate(1.0)
-    best, trace = search_scale(evaluate, start, 0.0, steps=10)
+    best, trace = search_scale(evaluate, start, lambda p: p.refusal <= 0.0, steps=10)
     assert 0.7 <= best.scale <= 0.7 + 1.0 / 2**10 and len(calls) == 11 and len(trace) == 10
     assert best.refusal <= 0.0 and best.drift == pytest.approx(best.scale**2)
     assert all(p.refusal <= 0.0 for p in trace if p.scale >= best.scale)
+    # the other direction: the largest scale whose drift (s^2) stays within a budget of 0.25
+    best, trace = search_scale(evaluate, start, lambda p: p.drift <= 0.25, steps=10, smallest=False)
+    assert 0.5 - 1.0 / 2**10 <= best.scale <= 0.5 and best.drift <= 0.25
 
 
 def planted_edit(needed: set[int], drift_of: dict[int, float]):
@@ -70,6 +73,18 @@ def test_choose_edit_stops_at_the_first_direction_that_suffices_and_reports_a_mi
     assert best.refusal == 0.5 and members == [0] and all(p.phase != "scale" for p in trace)
     with pytest.raises(ValueError, match="strength 0"):
         choose_edit(evaluate, [0.0], 0.0, steps=3)
+
+
+def test_choose_edit_never_picks_a_point_over_the_drift_budget() -> None:
+    # 1 and 3 are needed together (drift 0.5 at full strength): over a budget of 0.4, so the edit
+    # keeps direction 1 alone and the scale search stays within the budget
+    evaluate, _ = planted_edit({1, 3}, {0: 0.1, 1: 0.2, 2: 0.05, 3: 0.3})
+    members, best, trace = choose_edit(evaluate, [1.0, 1.0, 0.0, 1.0], 0.0, steps=6, max_drift=0.4)
+    assert best.drift <= 0.4 and members == [1] and best.refusal == 0.5
+    # a budget that even one direction exceeds: the largest scale within it
+    evaluate, _ = planted_edit({0}, {0: 1.0})
+    members, best, trace = choose_edit(evaluate, [1.0], 0.0, steps=6, max_drift=0.3)
+    assert best.drift <= 0.3 and best.scale >= 0.3 - 1.0 / 2**6 and trace[-1].phase == "scale"
 
 
 @pytest.mark.slow

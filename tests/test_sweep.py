@@ -32,19 +32,22 @@ def test_write_report(tmp_path: Path) -> None:
     for job, (refusal, kl) in points.items():
         (tmp_path / job).mkdir()
         (tmp_path / job / "run_summary.json").write_text(json.dumps(
-            {"overrides": [f"x={job}"], "headline": {"refusal_rate": refusal, "kl_tf_mean": kl}}))
-    front = write_report(tmp_path)
+            {"overrides": [f"x={job}"], "headline": {"probe_refusal_rate": refusal, "probe_kl_tf_mean": kl,
+                                                      "refusal_rate": 1.0 - refusal, "kl_tf_mean": kl}}))
+    front = write_report(tmp_path)  # chosen on the held-out probe metrics; the evaluation ones only report
     assert sorted(front.job) == ["0", "1", "3"]
     for name in ("sweep.parquet", "pareto.parquet", "pareto.png", "leaderboard.md"):
         assert (tmp_path / name).stat().st_size > 0
     assert len(pd.read_parquet(tmp_path / "sweep.parquet")) == 4
-    assert "Pareto front (3 of 4 jobs)" in (tmp_path / "leaderboard.md").read_text()
+    board = (tmp_path / "leaderboard.md").read_text()
+    assert "Pareto front (3 of 4 jobs)" in board and "chosen on the held-out probe prompts" in board
+    assert "refusal_rate" in board.split("\n\n## All jobs")[0].split("| job |")[1]  # reported beside the objectives
 
 
 def test_report_names_missing_objective(tmp_path: Path) -> None:
     (tmp_path / "0").mkdir()
-    (tmp_path / "0" / "run_summary.json").write_text(json.dumps({"headline": {"refusal_rate": 0.1}}))
-    with pytest.raises(KeyError, match="kl_tf_mean"):
+    (tmp_path / "0" / "run_summary.json").write_text(json.dumps({"headline": {"probe_refusal_rate": 0.1}}))
+    with pytest.raises(KeyError, match="probe_kl_tf_mean"):
         write_report(tmp_path)
 
 

@@ -189,6 +189,7 @@ class EntangleConfig:
     measure_tokens: int = 8
     calibrate: bool = True
     calibrate_steps: int = 6
+    max_drift: Optional[float] = None
 
     def __post_init__(self) -> None:
         _check(self.m >= 1, "entangle.m", self.m, "an integer >= 1")
@@ -201,6 +202,8 @@ class EntangleConfig:
         _check(self.measure_prompts >= 1, "entangle.measure_prompts", self.measure_prompts, "an integer >= 1")
         _check(self.measure_tokens >= 1, "entangle.measure_tokens", self.measure_tokens, "an integer >= 1")
         _check(self.calibrate_steps >= 1, "entangle.calibrate_steps", self.calibrate_steps, "an integer >= 1")
+        _check(self.max_drift is None or self.max_drift > 0, "entangle.max_drift", self.max_drift,
+               "null or a positive number (nats per token)")
         _fraction("entangle.ramp_low", self.ramp_low)
         _fraction("entangle.ramp_high", self.ramp_high)
         _check(self.ramp_low < self.ramp_high, "entangle.ramp_low", self.ramp_low, "less than entangle.ramp_high")
@@ -274,6 +277,7 @@ class EvaluateConfig:
     skill_max_new_tokens: int = 8
     residual_proxy: bool = True
     plots: bool = True
+    probe_metrics: bool = True
     adapter: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -313,7 +317,7 @@ class SearchConfig:
     storage: Optional[str] = None
     sampler: str = "tpe"
     seed: int = 0
-    objectives: list[str] = field(default_factory=lambda: ["refusal_rate", "kl_tf_mean"])
+    objectives: list[str] = field(default_factory=lambda: ["probe_refusal_rate", "probe_kl_tf_mean"])
     space: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
