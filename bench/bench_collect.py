@@ -43,7 +43,7 @@ LIMIT = 1.15
 
 def build_llama(out_dir: Path) -> Path:
     """An 8-layer, hidden-512 Llama with random weights and the tests' byte-level tokenizer."""
-    from tests.tiny_models import build_tokenizer
+    from saber.testing.tiny_models import build_tokenizer
 
     config = LlamaConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                          num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,

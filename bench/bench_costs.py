@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from saber.testing import compose_config as compose
+
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "BENCHMARKS.md"
 RESULTS = REPO / "docs" / "bench"
@@ -104,23 +106,10 @@ def headline(times: dict[str, dict[str, float]], rel: dict[str, dict[str, float]
 
 def build_model(out_dir: Path, layers: int) -> Path:
     """A random Llama with the organism's shape and the tests' byte-level tokenizer."""
-    sys.path.insert(0, str(REPO))
-    from tests.tiny_models import build_tiny
+    from saber.testing.tiny_models import build_tiny
 
     return build_tiny("llama", out_dir, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096)
-
-
-def compose(*items: str) -> Any:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from saber.config import register_configs, validate
-    from saber.config.paths import CONF_DIR
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return validate(hydra_compose("config", overrides=list(items)))
 
 
 def run_config(model_dir: Path, work: Path, scale: int, k: int) -> dict[str, float]:

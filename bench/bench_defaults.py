@@ -160,7 +160,14 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--organism-store", default="outputs/store", help="store that caches trained organisms")
     parser.add_argument("--run-dir", default=None, help="work directory (default outputs/bench/defaults/run-<time>)")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/")
+    parser.add_argument("--merge", default=None,
+                        help="comma list of finished --run-dir directories: report their records together, run nothing")
     args = parser.parse_args(argv)
+    if args.merge:
+        dirs = [Path(d) for d in args.merge.split(",")]
+        records = [r for d in dirs for r in json.loads((d / "records.json").read_text())]
+        total = sum(json.loads((d / "total_s.json").read_text())["total_s"] for d in dirs)
+        return write(records, argv, total, args.no_write)
     import torch
 
     torch.set_num_threads(1)
@@ -175,10 +182,16 @@ def main(argv: list[str]) -> None:
             records.append(bench_one(spec, seed, run_dir, Path(args.organism_store).resolve()))
             (run_dir / "records.json").write_text(json.dumps(records, indent=2, default=str))
     total = time.perf_counter() - start
+    (run_dir / "total_s.json").write_text(json.dumps({"total_s": total}))
+    write(records, argv, total, args.no_write)
+
+
+def write(records: list[dict[str, Any]], argv: Sequence[str], total: float, no_write: bool) -> None:
+    """Print the section and, unless told not to, write docs/bench/defaults.json and the section."""
     text = markdown(records, argv, total)
-    if not args.no_write:
+    if not no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "defaults.json").write_text(json.dumps(
-            {"machine": machine(), "argv": argv, "total_s": total, "records": records,
+            {"machine": machine(), "argv": list(argv), "total_s": total, "records": records,
              "summary": family_summary(records), "goals": goal_rows(records)}, indent=2, default=str))
-    publish(TITLE, text, not args.no_write, DOC)
+    publish(TITLE, text, not no_write, DOC)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,8 +37,7 @@ def shape_config(name: str, gemma4_config: Path | None, tiny: bool) -> Any:
     """The transformers config of one benchmarked shape."""
     from transformers import CONFIG_MAPPING
 
-    sys.path.insert(0, str(REPO))
-    from tests.tiny_models import tiny_config
+    from saber.testing.tiny_models import tiny_config
 
     if tiny:
         return tiny_config("gemma4_text" if name == "gemma4" else "llama")
@@ -56,7 +54,7 @@ def build_model(config: Any, out_dir: Path, device: str) -> tuple[Path, float]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tests.tiny_models import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
+    from saber.testing.tiny_models import BOS_ID, EOS_ID, PAD_ID, build_tokenizer
 
     torch.manual_seed(0)
     with torch.device(device):

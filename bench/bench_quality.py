@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from saber.organism.recipe import load_preset
+from saber.testing import compose_config as compose
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "BENCHMARKS.md"
@@ -374,19 +375,6 @@ def _finite(value: Any) -> bool:
 
 
 # ---- running (needs models) ----------------------------------------------------------------------
-def compose(*overrides: str) -> Any:
-    """The validated config that `python -m saber.run <overrides>` would see."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from saber.config import register_configs, validate
-    from saber.config.paths import CONF_DIR
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return validate(hydra_compose("config", overrides=list(overrides)))
-
-
 def base_overrides(spec: OrganismSpec, seed: int, store: Path) -> list[str]:
     return [f"model={spec.preset}", f"model.organism.arch={spec.arch}", f"model.organism.seed={seed}",
             "edit.export=false", f"store_root={store}"]

@@ -31,7 +31,7 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     Tests only read these directories (edits are exported elsewhere), so sharing them is safe.
     """
-    from tiny_models import TINY_ARCHS, build_tiny
+    from saber.testing.tiny_models import TINY_ARCHS, build_tiny
 
     root = tmp_path_factory.mktemp("tiny")
     return {arch: build_tiny(arch, root / arch) for arch in TINY_ARCHS}

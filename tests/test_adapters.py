@@ -20,7 +20,7 @@ from saber.model.adapters import (
     register_adapter,
 )
 from saber.model.adapters.base import REGISTRY
-from tests.tiny_models import HIDDEN, TINY_ARCHS, load_tiny
+from saber.testing.tiny_models import HIDDEN, TINY_ARCHS, load_tiny
 
 # AltUp models mix the (per-channel scaled) normalised input into the stream through LAuReL,
 # so only an axis-aligned direction is exactly preserved by the input norm; see test below.

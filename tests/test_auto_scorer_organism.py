@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from configs import compose_config
+from saber.testing import compose_config
 
 AGREEMENT = 0.95   # the bar for auto against the ground truth, share of answers
 RATE_TOL = 0.03    # reported rate against the true rate: at most 3 answers of 96 apart

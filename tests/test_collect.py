@@ -18,7 +18,7 @@ from saber.model.adapters import get_adapter
 from saber.model.chat import encode_batch, position_ids, render_prompts
 from saber.model.hooks import capture_last_positions
 from saber.model.loading import load_model
-from tests.tiny_models import TINY_ARCHS, build_tiny
+from saber.testing.tiny_models import TINY_ARCHS, build_tiny
 
 REPO = Path(__file__).resolve().parent.parent
 CPU = {"dtype": "float32", "device": "cpu"}

@@ -7,7 +7,6 @@ forward hook at chosen response positions, so the true answer of every metric is
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,8 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_models import build_tiny  # noqa: E402
+from saber.testing.tiny_models import build_tiny  # noqa: E402
 
 from saber.evaluate import EvalSets, build_reference, evaluate_against_reference, evaluate_models  # noqa: E402
 from saber.evaluate.divergence import LOGP_FLOOR, compress, kl_compressed, kl_full, safe_log_softmax  # noqa: E402

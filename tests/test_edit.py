@@ -26,7 +26,7 @@ from saber.edit import (
 )
 from saber.edit.config import KNOWN_ROLES
 from saber.model.adapters import get_adapter
-from tests.tiny_models import HIDDEN, TINY_ARCHS, build_tiny, load_tiny
+from saber.testing.tiny_models import HIDDEN, TINY_ARCHS, build_tiny, load_tiny
 
 # ---------------------------------------------------------------------------------------------
 # math

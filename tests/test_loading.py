@@ -18,7 +18,7 @@ from saber.model.chat import (
     render_prompts,
 )
 from saber.model.loading import ModelLoadError, load_model, resolve_device
-from tests.tiny_models import BOS_ID, EOS_ID, PAD_ID, build_tiny, build_tokenizer, tiny_config
+from saber.testing.tiny_models import BOS_ID, EOS_ID, PAD_ID, build_tiny, build_tokenizer, tiny_config
 
 REJECT_SYSTEM = (
     "{{ bos_token }}{% for message in messages %}"

@@ -12,7 +12,7 @@ from saber.edit import EditConfig, EditPlan, PlanRow, export_edited
 from saber.edit.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraUnsupportedError, export_lora, lora_factors
 from saber.edit.math import gram_schmidt
 from saber.model.adapters import get_adapter
-from tests.tiny_models import HIDDEN, TINY_ARCHS, load_tiny
+from saber.testing.tiny_models import HIDDEN, TINY_ARCHS, load_tiny
 
 peft = pytest.importorskip("peft")
 
@@ -95,7 +95,7 @@ def test_edits_lora_cannot_express_are_refused_with_the_alternative(tiny_dirs: d
 
 @pytest.mark.slow
 def test_runner_exports_and_evaluates_the_adapter_like_the_full_model(organism_store: Path, tmp_path: Path) -> None:
-    from configs import compose_config
+    from saber.testing import compose_config
     from saber.run import run_pipeline
 
     def run(*overrides: str) -> tuple[dict, Path]:

@@ -92,7 +92,7 @@ def test_default_run_on_the_shipped_organism_calibrates_itself(organism_store: P
     """The conf defaults, no knob changed: directions are screened, joined and scaled on held-out
     probes, and the evaluation set loses its refusals (measured: refusal 0.00, skill 1.00, one
     direction at scale 1.19, KL mean 0.010)."""
-    from configs import compose_config
+    from saber.testing import compose_config
     from saber.run import run_pipeline
 
     cfg = compose_config(f"store_root={organism_store}", "edit.export=false")
@@ -116,7 +116,7 @@ def test_default_run_on_the_shipped_organism_calibrates_itself(organism_store: P
 
 @pytest.mark.slow
 def test_measured_mode_sets_strengths_from_benefit_and_cost(organism_store: Path) -> None:
-    from configs import compose_config
+    from saber.testing import compose_config
     from saber.run import run_pipeline
 
     cfg = compose_config(f"store_root={organism_store}", "stages=[collect,extract,rank,entangle]",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from configs import compose_config
+from saber.testing import compose_config
 from saber.run import format_summary, run_pipeline
 
 pytestmark = pytest.mark.slow

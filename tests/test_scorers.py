@@ -96,10 +96,7 @@ def test_scorer_rejects_mismatched_lengths() -> None:
 @pytest.fixture(scope="module")
 def judge_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random sequence classifier with named labels (its predictions are arbitrary but fixed)."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from tiny_models import build_tokenizer, tiny_config
+    from saber.testing.tiny_models import build_tokenizer, tiny_config
     from transformers import LlamaForSequenceClassification
 
     out = tmp_path_factory.mktemp("judge")

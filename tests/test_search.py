@@ -13,7 +13,7 @@ import optuna
 import pytest
 
 from test_sweeps import SMALL
-from tiny_models import build_tiny
+from saber.testing.tiny_models import build_tiny
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

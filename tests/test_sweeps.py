@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tiny_models import build_tiny
+from saber.testing.tiny_models import build_tiny
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

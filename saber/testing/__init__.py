@@ -1,9 +1,9 @@
-"""Compose configs in tests exactly as the command line does."""
+"""Helpers shared by the tests and the benchmarks: configs composed as the command line does,
+and tiny random Hugging Face models built offline (`saber.testing.tiny_models`)."""
 
 from __future__ import annotations
 
 from saber.config import SaberConfig
-from saber.config.paths import CONF_DIR
 
 
 def compose_config(*overrides: str) -> SaberConfig:
@@ -11,6 +11,7 @@ def compose_config(*overrides: str) -> SaberConfig:
     from hydra import compose, initialize_config_dir
 
     from saber.config import register_configs, validate
+    from saber.config.paths import CONF_DIR
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
