@@ -6,7 +6,8 @@ activations at layer l). For a unit direction v:
 - rho(v) = ||C_l^T v||^2 in [0, 1]: the share of v lying in the capability subspace;
 - rho_var(v) = v^T S v / lambda_max(S) in [0, 1], S the capability covariance: how much
   capability variance v carries, relative to the most variable capability direction;
-- purity = 1 - rho; v is "entangled" when rho > tau, else "refusal".
+- purity = 1 - rho; v is "entangled" when rho > tau, else "refusal". tau null (the default) is
+  calibrated: a quantile of rho over the directions with no refusal signal (null_tau).
 
 Strength modes (entangle.mode), every value from config, then scaled by
 iterate.alpha_decay ** iteration:
@@ -139,6 +140,8 @@ def entanglement_table(selected: pd.DataFrame, bases: Mapping[int, torch.Tensor]
     """
     from saber.measured import measured_strength
 
+    if cfg.tau is None:
+        raise ValueError("entangle.tau is null (calibrated): resolve it with saber.entangle.null_tau first")
     rows = []
     for rec in selected.itertuples(index=False):
         layer, index = int(rec.layer), int(rec.index)
@@ -214,6 +217,21 @@ def save_plan_files(plan: pd.DataFrame, vectors: Mapping[str, torch.Tensor], out
             for r in plan.to_dict("records")]
     save_plan(EditPlan(rows=rows, vectors=dict(vectors)), Path(out_dir))
     plan[PLAN_COLUMNS].to_parquet(Path(out_dir) / PLAN_TABLE, index=False)
+
+
+def null_tau(ranking: pd.DataFrame, bases: Mapping[int, torch.Tensor],
+             subspaces: Mapping[int, CapabilitySubspace], quantile: float) -> Optional[float]:
+    """The `quantile` of rho over the ranked directions that carry no refusal signal.
+
+    Those are the pairs that do not beat their permutation null (`significant` False in the
+    ranking). Data-derived directions lie in the capability subspace far more than random ones
+    (on the organism their median rho is about 0.75), so a fixed tau below that null marks
+    nearly every direction entangled. None when fewer than 3 such pairs have a subspace.
+    """
+    null = ranking[~ranking["significant"].astype(bool)] if "significant" in ranking else ranking.iloc[0:0]
+    rhos = [subspaces[int(r.layer)].rho(bases[int(r.layer)][int(r.index)])
+            for r in null.itertuples(index=False) if int(r.layer) in subspaces]
+    return float(np.quantile(rhos, quantile)) if len(rhos) >= 3 else None
 
 
 def capability_subspaces(acts: "Activations", layers: list[int], m: int,

@@ -6,6 +6,7 @@ passes find their own), so `iterate` is part of this stage's fingerprint.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
 
     from saber.collect import load_activations
     from saber.directions import load_directions
-    from saber.entangle import (ENTANGLEMENT_TABLE, capability_subspaces, entanglement_table,
+    from saber.entangle import (ENTANGLEMENT_TABLE, capability_subspaces, entanglement_table, null_tau,
                                 plan_rows, save_plan_files)
     from saber.plots import entanglement_scatter
     from saber.ranking import RANKING_TABLE
@@ -33,7 +34,14 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     selected = ranking[ranking["selected"]]
     if selected.empty:
         log.warning("rank selected no (layer, direction) pair: the edit plan is empty")
-    subspaces = capability_subspaces(acts, sorted(selected["layer"].unique().tolist()), cfg.m, split="fit")
+    layers = sorted(set(selected["layer"].tolist()) | set(ranking.loc[~ranking["significant"], "layer"].tolist()))
+    subspaces = capability_subspaces(acts, [int(l) for l in layers], cfg.m, split="fit")
+    tau = cfg.tau if cfg.tau is not None else null_tau(ranking, bases, subspaces, cfg.tau_quantile)
+    if tau is None:
+        log.warning("entangle.tau = null but fewer than 3 ranked pairs lack a refusal signal to calibrate it on; "
+                    "no direction is classed entangled (set entangle.tau to fix a threshold)")
+        tau = 1.0
+    cfg = dataclasses.replace(cfg, tau=tau)
     # a calibrated pass finds its own strength; decay would only stop it short of the target
     decay = 1.0 if cfg.calibrate else ctx.cfg.iterate.alpha_decay ** ctx.iteration
     effects = measured_effects(ctx, acts, bases, selected) if cfg.mode == "measured" else None
@@ -47,7 +55,7 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     plan, vectors = plan_rows(table[table["alpha"] > 0], bases, subspaces, cfg, decay)
     save_plan_files(plan, vectors, out_dir)
     entanglement_scatter(table, cfg.tau, out_dir / "entanglement.png")
-    return {"directions": len(table), "plan_rows": len(plan), "decay": decay,
+    return {"directions": len(table), "plan_rows": len(plan), "decay": decay, "tau": tau,
             "entangled": int((table["class"] == "entangled").sum()), **meta}
 
 

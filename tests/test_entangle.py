@@ -13,13 +13,15 @@ from planted import capability, make_planted
 from saber.config import EntangleConfig, KernelConfig
 from saber.directions import ActivationError
 from saber.edit.plan import load_plan
-from saber.entangle import (capability_subspace, entanglement_table, kernel_weight, plan_rows,
+from saber.entangle import (capability_subspace, entanglement_table, kernel_weight, null_tau, plan_rows,
                             save_plan_files)
 
 P = make_planted(d=64, k=4, m=6)
 # noise 0.05 against capability sd 2..5: the fitted C matches the planted Q to ~1e-3 in rho
 CAP = capability(P, 400, seed=0)
 SUB = capability_subspace(CAP, 6, layer=0)
+
+TAU = 0.55  # a fixed threshold: these tests plant rho on both sides of it (null_tau has its own test)
 
 
 def mixed(rho: float, j: int = 0) -> torch.Tensor:
@@ -62,7 +64,7 @@ def test_rho_var_is_variance_ratio() -> None:
 
 
 def test_discrete_mode_entangled_and_pure() -> None:
-    cfg = EntangleConfig(mode="discrete")
+    cfg = EntangleConfig(mode="discrete", tau=TAU)
     t = table_for([P.q[:, 0].float(), P.u[:, 0].float()], cfg)
     assert t["class"].tolist() == ["entangled", "refusal"]
     assert t["alpha"].tolist() == [cfg.alpha_entangled, cfg.alpha_base]
@@ -71,7 +73,7 @@ def test_discrete_mode_entangled_and_pure() -> None:
 
 
 def test_ramp_mode_interpolates_between_thresholds() -> None:
-    cfg = EntangleConfig(mode="ramp", ramp_low=0.3, ramp_high=0.7, alpha_base=0.8, alpha_entangled=0.0)
+    cfg = EntangleConfig(mode="ramp", tau=TAU, ramp_low=0.3, ramp_high=0.7, alpha_base=0.8, alpha_entangled=0.0)
     t = table_for([mixed(0.1), mixed(0.4), mixed(0.5), mixed(0.9)], cfg)
     # 0.1 below the ramp, 0.9 above it, 0.4 a quarter of the way, 0.5 half way (rho within 5e-3)
     assert t["alpha"].tolist() == pytest.approx([0.8, 0.6, 0.4, 0.0], abs=0.02)
@@ -101,14 +103,14 @@ def test_split_mode_edits_pure_and_entangled_parts_separately() -> None:
 
 
 def test_uniform_mode_ignores_entanglement() -> None:
-    cfg = EntangleConfig(mode="uniform", alpha_base=0.6)
+    cfg = EntangleConfig(mode="uniform", tau=TAU, alpha_base=0.6)
     t = table_for([P.q[:, 0].float(), P.u[:, 0].float()], cfg)
     assert t["alpha"].tolist() == [0.6, 0.6]
     assert t["class"].tolist() == ["entangled", "refusal"]  # still reported
 
 
 def test_kernel_mode_is_a_tent_over_depth() -> None:
-    cfg = EntangleConfig(mode="kernel", kernel=KernelConfig(peak_position=0.6, peak_weight=1.0,
+    cfg = EntangleConfig(mode="kernel", tau=TAU, kernel=KernelConfig(peak_position=0.6, peak_weight=1.0,
                                                             min_weight=0.0, distance=0.4))
     layers = list(range(11))  # relative depth 0.0, 0.1, ..., 1.0
     t = table_for([P.u[:, 0].float()] * 11, cfg, layers=layers, n_layers=11)
@@ -121,7 +123,7 @@ def test_kernel_mode_is_a_tent_over_depth() -> None:
 
 @pytest.mark.parametrize("mode", ["discrete", "ramp", "split", "uniform", "kernel"])
 def test_decay_scales_every_strength_per_iteration(mode: str) -> None:
-    cfg = EntangleConfig(mode=mode)
+    cfg = EntangleConfig(mode=mode, tau=TAU)
     vectors = [mixed(0.8), mixed(0.5), P.u[:, 0].float()]
     layers = [1, 2, 3]
     selected, bases, subs = frame(vectors, layers)
@@ -153,7 +155,7 @@ VARIED_LAYERS = [0, 2, 4, 6, 8, 10]
     ({"mode": "kernel"}, "kernel.distance", 0.9),
 ])
 def test_every_entangle_knob_changes_the_plan(base: dict, knob: str, value: object) -> None:
-    cfg = EntangleConfig(**{"mode": "discrete", **base})  # the geometric modes (measured needs a model)
+    cfg = EntangleConfig(**{"mode": "discrete", "tau": TAU, **base})  # the geometric modes (measured needs a model)
     if knob.startswith("kernel."):
         changed = replace(cfg, kernel=replace(cfg.kernel, **{knob.split(".")[1]: value}))
     else:
@@ -175,7 +177,7 @@ def test_every_entangle_knob_changes_the_plan(base: dict, knob: str, value: obje
 
 
 def test_plan_files_round_trip_through_edit_loader(tmp_path) -> None:
-    cfg = EntangleConfig(mode="split")
+    cfg = EntangleConfig(mode="split", tau=TAU)
     selected, bases, subs = frame([mixed(0.8), P.u[:, 0].float()], [2, 3])
     t = entanglement_table(selected, bases, subs, cfg, 4)
     plan, vectors = plan_rows(t, bases, subs, cfg)
@@ -207,8 +209,25 @@ def test_degenerate_capability_sets() -> None:
 
 def test_empty_selection_gives_an_empty_loadable_plan(tmp_path) -> None:
     empty = pd.DataFrame({"layer": [], "index": [], "fdr": [], "rank": []})
-    t = entanglement_table(empty, {}, {}, EntangleConfig(), 4)
-    plan, vectors = plan_rows(t, {}, {}, EntangleConfig())
+    t = entanglement_table(empty, {}, {}, EntangleConfig(tau=TAU), 4)
+    plan, vectors = plan_rows(t, {}, {}, EntangleConfig(tau=TAU))
     save_plan_files(plan, vectors, tmp_path)
     assert load_plan(tmp_path).rows == []
     assert pd.read_parquet(tmp_path / "plan.parquet")["alpha"].dtype == np.float64
+
+
+def test_null_tau_is_a_quantile_of_rho_over_directions_without_refusal_signal() -> None:
+    # noise directions with planted rho 0.6..0.9 do not beat their null; the refusal one (rho 0.2) does
+    null_rhos = [0.6, 0.7, 0.8, 0.9]
+    selected, bases, subs = frame([mixed(0.2), *[mixed(r, j) for j, r in enumerate(null_rhos)]])
+    ranking = selected.assign(significant=[True] + [False] * len(null_rhos))
+    assert null_tau(ranking, bases, subs, 0.5) == pytest.approx(np.quantile(null_rhos, 0.5), abs=1e-2)
+    assert null_tau(ranking, bases, subs, 1.0) == pytest.approx(0.9, abs=1e-2)
+    # a direction below the null is a refusal direction under the calibrated tau, above it entangled
+    tau = null_tau(ranking, bases, subs, 0.95)
+    table = entanglement_table(selected, bases, subs, EntangleConfig(mode="discrete", tau=tau), 1)
+    assert table["class"].tolist()[:1] == ["refusal"] and table["class"].iloc[-1] == "entangled"
+    # too few null pairs to calibrate on
+    assert null_tau(ranking.assign(significant=True), bases, subs, 0.95) is None
+    with pytest.raises(ValueError, match="entangle.tau is null"):
+        entanglement_table(selected, bases, subs, EntangleConfig(mode="discrete"), 1)

@@ -228,7 +228,7 @@ def test_stage_reuses_reference_and_matches_exported_and_in_memory(tiny_dir: Pat
     e = cfg.evaluate
     e.n_harmful, e.n_harmless, e.n_xstest, e.max_new_tokens, e.kl_tokens = 3, 4, 0, 6, 6
     e.mc_paths, e.gsm8k_path, e.skill_path = [], None, None  # probes are covered above; keep this fast
-    e.scorer = "keywords"  # no probe sets here to learn a signature from (the auto scorer has its own tests)
+    e.scorer, e.probe_metrics = "keywords", False  # no probe sets here (the auto scorer and probe metrics have their own tests)
     pipeline = Pipeline(cfg)
 
     d = 64

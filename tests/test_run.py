@@ -35,7 +35,8 @@ def test_full_run_rerun_and_edit_knob(organism_store: Path, monkeypatch: pytest.
     first = run_pipeline(cfg)
     assert set(first.artifacts) == set(STAGES)
     headline = first.summary["headline"]
-    for key in ("refusal_rate", "kl_tf_mean", "kl_first_token", "skill_accuracy"):
+    for key in ("refusal_rate", "kl_tf_mean", "kl_first_token", "skill_accuracy", "refusal_fragment_rate",
+                "probe_refusal_rate", "probe_kl_tf_mean"):  # held-out probe metrics: what sweeps choose on
         assert key in headline
     assert "report:" in format_summary(first)
     before = published(organism_store)

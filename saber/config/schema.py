@@ -177,7 +177,8 @@ class KernelConfig:
 @dataclass
 class EntangleConfig:
     m: int = 10
-    tau: float = 0.55
+    tau: Optional[float] = None
+    tau_quantile: float = 0.95
     alpha_base: float = 0.825
     alpha_entangled: float = 0.03
     mode: str = "measured"
@@ -193,7 +194,9 @@ class EntangleConfig:
 
     def __post_init__(self) -> None:
         _check(self.m >= 1, "entangle.m", self.m, "an integer >= 1")
-        _fraction("entangle.tau", self.tau)
+        if self.tau is not None:
+            _fraction("entangle.tau", self.tau)
+        _fraction("entangle.tau_quantile", self.tau_quantile)
         _check(0.0 <= self.alpha_base <= 2.0, "entangle.alpha_base", self.alpha_base, "a number in [0, 2]")
         _check(0.0 <= self.alpha_entangled <= 2.0, "entangle.alpha_entangled", self.alpha_entangled,
                "a number in [0, 2]")
