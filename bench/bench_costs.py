@@ -28,13 +28,14 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from saber.stage_names import STAGE_ORDER
 from saber.testing import compose_config as compose
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "BENCHMARKS.md"
 RESULTS = REPO / "docs" / "bench"
 TITLE = "Stage costs and scaling"
-STAGES = ("collect", "extract", "rank", "entangle", "edit", "reference", "evaluate")
+STAGES = (*STAGE_ORDER[:-1], "reference", STAGE_ORDER[-1])  # the base reference is timed apart from evaluate
 BASE_PROBES = 32   # prompts per probe set (harmful, harmless, capability), before the split
 BASE_EVAL = 16     # held-out harmful and harmless evaluation prompts
 BASE_ITEMS = 8     # multiple-choice items per file, XSTest prompts, GSM8K items

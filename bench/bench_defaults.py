@@ -6,7 +6,7 @@ Per organism (default and hard language, Llama- and Gemma-style, every seed trai
 machine that runs this; a seed failing its own health bars is reported and not benchmarked),
 with one model load:
 
-1. `fixed`: the previous defaults (geometric rho gate, fixed strengths, no calibration), from an
+1. `fixed`: the previous defaults (geometric rho gate at tau 0.55, fixed strengths, no calibration), from an
    empty store: the cost baseline;
 2. `default`: the conf defaults, from another empty store (it pays collect, the signature, the
    calibration and the base reference once, like a user's first run);
@@ -37,7 +37,7 @@ FAMILIES = [OrganismSpec("default/llama", "organism", "llama", ()), OrganismSpec
             OrganismSpec("default/gemma3", "organism", "gemma3", ()),
             OrganismSpec("hard/gemma3", "organism_hard", "gemma3", ())]
 GOALS = {"organism": 0.02, "organism_hard": 0.10}  # held-out evaluation refusal at most, per preset
-ROLES = {"fixed": ("saber", {"entangle.mode": "discrete", "entangle.calibrate": "false"}),
+ROLES = {"fixed": ("saber", {"entangle.mode": "discrete", "entangle.tau": "0.55", "entangle.calibrate": "false"}),
          "default": ("saber", {}),
          "uniform": ("saber", {"entangle.mode": "uniform"}),
          "arditi": ("arditi", {})}

@@ -31,9 +31,9 @@ from safetensors.torch import load_file
 
 from saber.config import SaberConfig, as_plain
 from saber.pipeline import Pipeline
+from saber.stage_names import ANALYSIS_STAGES
 
 log = logging.getLogger("saber.iteration")
-ANALYSIS_STAGES = ("collect", "extract", "rank", "entangle")
 CHECK_SCHEMA_VERSION = 1
 
 

@@ -21,7 +21,8 @@ from omegaconf import DictConfig
 
 from saber.config import SaberConfig, register_configs, validate
 from saber.config.paths import CONF_DIR
-from saber.iteration import ANALYSIS_STAGES, IterationLog, run_iterations
+from saber.iteration import IterationLog, run_iterations
+from saber.stage_names import ANALYSIS_STAGES, STAGE_ORDER
 from saber.errors import reported_errors
 from saber.outputs import guard_run_outputs
 from saber.pipeline import Pipeline, configure_logging
@@ -45,8 +46,6 @@ def run_pipeline(cfg: SaberConfig, pipeline: Optional[Pipeline] = None) -> RunRe
     """Run the configured stages (all iterations) and return where everything landed."""
     start = time.perf_counter()
     pipeline = pipeline or Pipeline(cfg)
-    from stages import STAGE_ORDER
-
     unknown = [s for s in cfg.stages if s not in STAGE_ORDER]
     if unknown:
         raise ValueError(f"config key 'stages' names unknown stages {unknown}; valid: {list(STAGE_ORDER)}")

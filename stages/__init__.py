@@ -9,10 +9,7 @@ from __future__ import annotations
 import importlib
 
 from saber.pipeline import StageSpec
-
-STAGE_ORDER: tuple[str, ...] = ("collect", "extract", "rank", "entangle", "edit", "evaluate")
-# Stages the others read but the runner does not list: built on demand through the store.
-AUXILIARY: tuple[str, ...] = ("signature",)
+from saber.stage_names import AUXILIARY, STAGE_ORDER
 
 
 class _Registry(dict):

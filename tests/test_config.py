@@ -93,3 +93,19 @@ def _undocumented(path: Path) -> list[str]:
 def test_every_config_key_is_documented() -> None:
     bad = [entry for path in sorted(CONF.rglob("*.yaml")) for entry in _undocumented(path)]
     assert not bad, "config keys without a one-line comment:\n" + "\n".join(bad)
+
+
+def test_stage_list_has_one_source() -> None:
+    """The schema default, the Makefile's stage targets and the shells' registry all follow
+    saber.stage_names."""
+    from saber.config import SaberConfig
+    from saber.stage_names import AUXILIARY, STAGE_ORDER
+    from stages import STAGES
+
+    assert SaberConfig().stages == list(STAGE_ORDER)
+    assert list(STAGES) == list(STAGE_ORDER) and all(name in STAGES for name in AUXILIARY)
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text().splitlines()
+    (targets,) = [line.split(":")[0].split() for line in makefile if line.startswith("collect ")]
+    assert set(targets) == set(STAGE_ORDER) | set(AUXILIARY)
+    assert "stages:" not in (Path(__file__).resolve().parents[1] / "conf" / "config.yaml").read_text().replace(
+        "# stages:", "")

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from saber.stage_names import STAGE_ORDER
 from saber.testing import compose_config
 from saber.run import format_summary, run_pipeline
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("collect", "extract", "rank", "entangle", "edit", "evaluate")
+STAGES = STAGE_ORDER
 
 
 def published(store: Path) -> dict[str, set[str]]:

@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 
 from saber.edit.config import DEFAULT_ROLES, KNOWN_ROLES
 from saber.organism.recipe import OrganismRecipe
+from saber.stage_names import STAGE_ORDER
 
 
 class ConfigError(ValueError):
@@ -342,8 +343,7 @@ class SaberConfig:
     iterate: IterateConfig = field(default_factory=IterateConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     method: str = "saber"
-    stages: list[str] = field(default_factory=lambda: [
-        "collect", "extract", "rank", "entangle", "edit", "evaluate"])
+    stages: list[str] = field(default_factory=lambda: list(STAGE_ORDER))
     store_root: str = "outputs/store"
     force: bool = False
     iteration: int = 0
