@@ -69,7 +69,7 @@ def bench_one(spec: OrganismSpec, seed: int, run_dir: Path, organism_store: Path
     session = ModelSession()
     for role, (method, knobs) in ROLES.items():
         store = "fixed" if role == "fixed" else "default"
-        overrides = {"model.organism_source": "train", **knobs}
+        overrides = {"model.organism_source": "train", "model.allow_unhealthy": str(allow_unhealthy).lower(), **knobs}
         record["points"][role] = run_point(base[store], overrides, session, method, role)
     return record
 
