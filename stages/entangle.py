@@ -99,7 +99,7 @@ def calibrate(ctx: StageContext, acts: Any, bases: dict, table: Any) -> tuple[An
     Returns the table with the chosen strengths (0 for directions left out), the choice and the trace."""
     from saber.evaluate import refusal_rate
     from saber.evaluate.settings import run_settings
-    from saber.measured import OwnAnswers, calibrate
+    from saber.measured import OwnAnswers, calibrate, opening_kept_rate
 
     settings = run_settings(ctx.cfg)
     scorer = ctx.pipeline.refusal_scorer()
@@ -110,8 +110,13 @@ def calibrate(ctx: StageContext, acts: Any, bases: dict, table: Any) -> tuple[An
     table = table.sort_values("rank").reset_index(drop=True)
     directions = [(int(r.layer), int(r.index), bases[int(r.layer)][int(r.index)].float(), float(r.alpha))
                   for r in table.itertuples(index=False)]
-    members, chosen, trace = calibrate(model, directions, edit_cfg,
-                                       lambda m: refusal_rate(m, tokenizer, harmful, settings, scorer), drift,
+    if ctx.cfg.entangle.calibrate_refusal == "opening":  # one teacher-forced pass per evaluation
+        own = OwnAnswers(model, tokenizer, harmful, **kw)
+        refused = scorer.score(harmful, tokenizer.batch_decode(own.answers, skip_special_tokens=True))
+        score = lambda m: opening_kept_rate(m, tokenizer, own, refused)  # noqa: E731
+    else:
+        score = lambda m: refusal_rate(m, tokenizer, harmful, settings, scorer)  # noqa: E731
+    members, chosen, trace = calibrate(model, directions, edit_cfg, score, drift,
                                        ctx.cfg.iterate.target_refusal, ctx.cfg.entangle.calibrate_steps,
                                        ctx.cfg.entangle.max_drift)
     for p in trace:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -129,3 +130,49 @@ def test_measured_mode_sets_strengths_from_benefit_and_cost(organism_store: Path
     assert table["alpha"].tolist() == pytest.approx(expected)
     # the best-ranked direction is the refusal direction: removing it alone makes refusing less likely
     assert table.sort_values("rank")["benefit"].iloc[0] > 0.05
+
+
+ALPHA_PARTIAL = 0.8  # a partial removal, so that some refusal openings survive and some do not
+
+
+def test_opening_kept_rate_equals_the_greedy_check_without_generating(tmp_path: Path) -> None:
+    """The cheap refusal score is exact for what it claims: a refused prompt counts when the edited
+    model's greedy answer still starts with the base refusal's first tokens."""
+    import torch
+
+    from saber.edit import EditConfig, EditPlan, PlanRow, apply_plan
+    from saber.evaluate.generation import greedy_generate
+    from saber.measured import OwnAnswers, opening_kept_rate
+    from saber.model.loading import load_model
+    from saber.organism import build_organism
+    from saber.organism.data import read_jsonl
+    from saber.organism.recipe import load_preset
+    from saber.testing import compose_config
+
+    cfg = compose_config(f"store_root={tmp_path}")
+    organism = Path(build_organism(load_preset("organism"), tmp_path))  # the shipped weights, nothing trained
+    model, tok = load_model(cfg.model, organism / "model")
+    prompts = [r["prompt"] for r in read_jsonl(organism / "prompts" / "harmful_heldout.jsonl")][:24]
+    own = OwnAnswers(model, tok, prompts, n_tokens=6, batch_size=8, system_prompt=None, max_length=256)
+    refused = [True] * len(prompts)
+    assert opening_kept_rate(model, tok, own, refused) == 1.0  # unedited: every opening is kept
+    # partly remove the difference of means of the last prompt token at layer 3: some openings change
+    harmless = [r["prompt"] for r in read_jsonl(organism / "prompts" / "harmless_heldout.jsonl")][:24]
+
+    def mean_last(texts: list[str]) -> torch.Tensor:
+        ids = OwnAnswers(model, tok, texts, n_tokens=1, batch_size=8, system_prompt=None, max_length=256).ids
+        with torch.no_grad():
+            return torch.stack([model(torch.tensor([i]), output_hidden_states=True).hidden_states[3][0, -1]
+                                for i in ids]).mean(0)
+
+    plan = EditPlan([PlanRow(layer=3, index=0, rank=1, alpha=ALPHA_PARTIAL, vector_key="v")],
+                    {"v": mean_last(prompts) - mean_last(harmless)})
+    handle = apply_plan(model, plan, EditConfig(tied_embeddings="untie"))
+    try:
+        cheap = opening_kept_rate(model, tok, own, refused)
+        edited = greedy_generate(model, tok, own.ids, 6, 8)
+    finally:
+        handle.revert()
+    greedy = sum(e[: len(a)] == a for e, a in zip(edited, own.answers)) / len(prompts)
+    assert cheap == pytest.approx(greedy) and greedy < 1.0, (cheap, greedy)  # the edit changed some openings
+    assert np.isnan(opening_kept_rate(model, tok, own, [False] * len(prompts)))  # nothing refused: NaN, no 0/0

@@ -192,6 +192,7 @@ class EntangleConfig:
     calibrate: bool = True
     calibrate_steps: int = 6
     max_drift: Optional[float] = None
+    calibrate_refusal: str = "generate"
 
     def __post_init__(self) -> None:
         _check(self.m >= 1, "entangle.m", self.m, "an integer >= 1")
@@ -206,6 +207,7 @@ class EntangleConfig:
         _check(self.measure_prompts >= 1, "entangle.measure_prompts", self.measure_prompts, "an integer >= 1")
         _check(self.measure_tokens >= 1, "entangle.measure_tokens", self.measure_tokens, "an integer >= 1")
         _check(self.calibrate_steps >= 1, "entangle.calibrate_steps", self.calibrate_steps, "an integer >= 1")
+        _one_of("entangle.calibrate_refusal", self.calibrate_refusal, ("generate", "opening"))
         _check(self.max_drift is None or self.max_drift > 0, "entangle.max_drift", self.max_drift,
                "null or a positive number (nats per token)")
         _fraction("entangle.ramp_low", self.ramp_low)
