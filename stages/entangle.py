@@ -47,7 +47,7 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     effects = measured_effects(ctx, acts, bases, selected) if cfg.mode == "measured" else None
     table = entanglement_table(selected, bases, subspaces, cfg, acts.n_layers, decay, effects)
     meta: dict[str, Any] = {}
-    if cfg.calibrate and not table.empty and table["alpha"].max() > 0:
+    if cfg.calibrate and not table.empty:
         table, chosen, trace = calibrate(ctx, acts, bases, table)
         pd.DataFrame([vars(p) for p in trace]).to_parquet(out_dir / "calibration.parquet", index=False)
         meta["calibration"] = {**vars(chosen), "evaluations": len(trace)}
@@ -108,6 +108,10 @@ def calibrate(ctx: StageContext, acts: Any, bases: dict, table: Any) -> tuple[An
     drift = OwnAnswers(model, tokenizer, acts.rows("harmless", "heldout")["text"].tolist()[: ctx.cfg.entangle.measure_prompts],
                        **kw)
     table = table.sort_values("rank").reset_index(drop=True)
+    # a direction whose measured benefit is 0 is still screened: that benefit is a teacher-forced
+    # proxy, the screen measures refusal itself; it is weighted like the weakest measured one
+    floor = float(table.loc[table["alpha"] > 0, "alpha"].min()) if (table["alpha"] > 0).any() else 1.0
+    table["alpha"] = table["alpha"].where(table["alpha"] > 0, floor)
     directions = [(int(r.layer), int(r.index), bases[int(r.layer)][int(r.index)].float(), float(r.alpha))
                   for r in table.itertuples(index=False)]
     if ctx.cfg.entangle.calibrate_refusal == "opening":  # one teacher-forced pass per evaluation
@@ -129,7 +133,7 @@ def calibrate(ctx: StageContext, acts: Any, bases: dict, table: Any) -> tuple[An
 
 # measured mode and calibration remove directions with the edit's own writer settings and score
 # refusal with the evaluation's scorer, so those keys are part of this stage's fingerprint
-SPEC = StageSpec(name="entangle", schema_version=2,
+SPEC = StageSpec(name="entangle", schema_version=3,
                  config_keys=("entangle", "iterate.alpha_decay", "iterate.target_refusal", "edit.scope",
                               "edit.roles", "edit.sandwich_correction", "evaluate.scorer", "evaluate.markers",
                               "evaluate.extra_markers", "evaluate.prefixes", "evaluate.judge_path", "evaluate.judge_refusal_labels",
