@@ -72,32 +72,20 @@ def ensure_reference(ctx: StageContext, sets: Any, settings: Any, scorer: Any, *
 
 
 def residual_proxy(ctx: StageContext, model: Any, tokenizer: Any) -> tuple[dict[str, Any] | None, Any]:
-    """FDR along this iteration's directions: before the edit from the collect activations, after
-    it by a new capture on the edited model (at iteration 0 these are the original directions)."""
+    """FDR along this iteration's directions, before and after the edit (saber.evaluate.proxy)."""
     from saber.collect import load_activations
     from saber.directions import load_directions
-    from saber.evaluate.proxy import fdr_table, residual_refusal_proxy
+    from saber.evaluate.proxy import proxy_before_after
 
     collect, extract = ctx.upstream.get("collect"), ctx.upstream.get("extract")
     if collect is None or extract is None:
         log.info("residual refusal proxy skipped: no collect/extract artifact")
         return None, None
-    acts = load_activations(collect.path)
     directions = {layer: ld.basis for layer, ld in load_directions(extract.path).items()}
-    layers = sorted(directions)
-    base = fdr_table([acts.get(l, "harmful", "heldout") if l in directions else None for l in acts.layers],
-                     [acts.get(l, "harmless", "heldout") if l in directions else None for l in acts.layers],
-                     directions, ctx.cfg.rank.eps)
-    edited = residual_refusal_proxy(
-        model, tokenizer, list(acts.rows("harmful", "heldout")["text"]), list(acts.rows("harmless", "heldout")["text"]),
-        directions, eps=ctx.cfg.rank.eps, batch_size=ctx.cfg.evaluate.batch_size,
-        system_prompt=ctx.cfg.model.system_prompt, max_length=ctx.cfg.collect.max_length)
-    table = base.rename(columns={"fdr": "fdr_base"}).merge(edited.rename(columns={"fdr": "fdr_edited"}),
-                                                           on=["layer", "index"])
-    summary = {"base_max_fdr": float(table["fdr_base"].max()), "edited_max_fdr": float(table["fdr_edited"].max()),
-               "base_mean_fdr": float(table["fdr_base"].mean()), "edited_mean_fdr": float(table["fdr_edited"].mean()),
-               "layers": layers}
-    return summary, table
+    cfg = ctx.cfg
+    return proxy_before_after(load_activations(collect.path), directions, model, tokenizer, eps=cfg.rank.eps,
+                              batch_size=cfg.evaluate.batch_size, system_prompt=cfg.model.system_prompt,
+                              max_length=cfg.collect.max_length)
 
 
 def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:

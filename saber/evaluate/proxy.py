@@ -56,3 +56,24 @@ def residual_refusal_proxy(model: Any, tokenizer: Any, harmful: Sequence[str], h
     h = last_token_activations(model, tokenizer, harmful, batch_size, system_prompt, max_length)
     a = last_token_activations(model, tokenizer, harmless, batch_size, system_prompt, max_length)
     return fdr_table(h, a, directions, eps)
+
+
+def proxy_before_after(acts: Any, directions: Mapping[int, torch.Tensor], model: Any, tokenizer: Any, *,
+                       eps: float, batch_size: int, system_prompt: str | None,
+                       max_length: int) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Held-out FDR along `directions` before the edit (from the collect activations `acts`) and
+    after it (a new capture on the edited `model`): a summary and the per-(layer, index) table.
+    At iteration 0 these are the original directions."""
+    layers = sorted(directions)
+    base = fdr_table([acts.get(l, "harmful", "heldout") if l in directions else None for l in acts.layers],
+                     [acts.get(l, "harmless", "heldout") if l in directions else None for l in acts.layers],
+                     directions, eps)
+    edited = residual_refusal_proxy(
+        model, tokenizer, list(acts.rows("harmful", "heldout")["text"]), list(acts.rows("harmless", "heldout")["text"]),
+        directions, eps=eps, batch_size=batch_size, system_prompt=system_prompt, max_length=max_length)
+    table = base.rename(columns={"fdr": "fdr_base"}).merge(edited.rename(columns={"fdr": "fdr_edited"}),
+                                                           on=["layer", "index"])
+    summary = {"base_max_fdr": float(table["fdr_base"].max()), "edited_max_fdr": float(table["fdr_edited"].max()),
+               "base_mean_fdr": float(table["fdr_base"].mean()), "edited_mean_fdr": float(table["fdr_edited"].mean()),
+               "layers": layers}
+    return summary, table
