@@ -1,6 +1,7 @@
 """The stage graph: which artifacts each stage reads, and how a stage's fingerprint is formed.
 
-A stage is a `StageSpec` (defined in `stages/<name>.py`): a name, a schema version, the config
+A stage is a `StageSpec` (defined in `stages/<name>.py`, found through the `saber.stages` entry
+points): a name, a schema version, the config
 subtrees it reads, the stages it reads from, and a `build(ctx, out_dir)` function. The pipeline
 resolves upstream artifacts through the store, so a rerun with unchanged inputs does no model
 work, and a change to one knob reruns only the stages downstream of it.
@@ -19,6 +20,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from saber.config import SaberConfig, as_plain
 from saber.model.identity import model_identity
+from saber.stage_names import AUXILIARY, STAGE_ORDER
 from saber.store import Artifact, ArtifactStore
 
 log = logging.getLogger("saber.pipeline")
@@ -62,9 +64,43 @@ class StageContext:
         return self.pipeline.load_model(self.plans if with_plans else [])
 
 
-def _stage_registry() -> dict[str, StageSpec]:
-    from stages import STAGES
+STAGE_ENTRY_POINTS = "saber.stages"  # entry-point group (pyproject.toml) that names each stage's spec
 
+
+class StageRegistry(dict):
+    """Stage name -> StageSpec, filled on first use from the `saber.stages` entry points.
+
+    The stage shells (`stages/<name>.py`) define the specs and pyproject.toml names them, so the
+    library finds them without importing the shells' package; a plugin package can add stages
+    the same way. Iterating yields the run order (saber.stage_names).
+    """
+
+    def __missing__(self, name: str) -> StageSpec:
+        from importlib.metadata import entry_points
+
+        known = STAGE_ORDER + AUXILIARY
+        if name not in known:
+            raise KeyError(f"unknown stage '{name}'; stages are: {', '.join(known)}")
+        found = {ep.name: ep for ep in entry_points(group=STAGE_ENTRY_POINTS)}
+        if name not in found:
+            raise KeyError(f"stage '{name}' has no '{STAGE_ENTRY_POINTS}' entry point: the package metadata is "
+                           "stale or missing; reinstall it (pip install -e . in a checkout) and remove any old "
+                           "saber_abliteration.egg-info in the working directory, which shadows it")
+        spec = found[name].load()
+        self[name] = spec
+        return spec
+
+    def __iter__(self):  # type: ignore[override]
+        return iter(STAGE_ORDER)
+
+    def __contains__(self, name: object) -> bool:
+        return name in STAGE_ORDER + AUXILIARY
+
+
+STAGES: dict[str, StageSpec] = StageRegistry()
+
+
+def _stage_registry() -> dict[str, StageSpec]:
     return STAGES
 
 

@@ -102,10 +102,30 @@ def test_stage_list_has_one_source() -> None:
     from saber.stage_names import AUXILIARY, STAGE_ORDER
     from stages import STAGES
 
+    from importlib.metadata import entry_points
+
     assert SaberConfig().stages == list(STAGE_ORDER)
     assert list(STAGES) == list(STAGE_ORDER) and all(name in STAGES for name in AUXILIARY)
+    # every stage's spec is named in the package's entry points, and loads under its own name
+    declared = {ep.name for ep in entry_points(group="saber.stages")}
+    assert declared == set(STAGE_ORDER) | set(AUXILIARY)
+    assert all(STAGES[name].name == name for name in declared)
     makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text().splitlines()
     (targets,) = [line.split(":")[0].split() for line in makefile if line.startswith("collect ")]
     assert set(targets) == set(STAGE_ORDER) | set(AUXILIARY)
     assert "stages:" not in (Path(__file__).resolve().parents[1] / "conf" / "config.yaml").read_text().replace(
         "# stages:", "")
+
+
+def test_library_never_imports_the_stage_shells() -> None:
+    """saber/ finds the stage specs through entry points; no module of it imports `stages`."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "saber"
+    offenders = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.relative_to(root.parent)}: {n}" for n in names if n.split(".")[0] == "stages"]
+    assert not offenders, offenders
