@@ -8,13 +8,14 @@ MODEL       ?= organism
 ARGS        ?=
 STAMP       := $(VENV)/.installed
 
-.PHONY: help setup test test-fast demo collect extract rank entangle signature edit evaluate run sweep search bench clean-outputs
+.PHONY: help setup test test-fast demo collect extract rank entangle signature reference probe_reference iteration_check edit evaluate run sweep search bench clean-outputs
 
 help:
 	@echo "setup     create $(VENV) and install pinned dependencies (torch first)"
 	@echo "test      run the whole test suite (fast and slow tests)"
 	@echo "demo      run SABER end to end on the shipped model organism"
-	@echo "collect extract rank entangle edit evaluate   run one stage (MODEL=, ARGS=); signature: the auto scorer's refusal signature"
+	@echo "collect extract rank entangle edit evaluate   run one stage (MODEL=, ARGS=)"
+	@echo "signature reference probe_reference iteration_check   auxiliary stages the others build on demand"
 	@echo "run       run every stage (MODEL=, ARGS=)"
 	@echo "sweep     Hydra multirun over the SABER knobs (SWEEP=organism by default)"
 	@echo "search    multi-objective Optuna search (MODEL=, ARGS=)"
@@ -38,7 +39,7 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m saber.run +experiment=organism $(ARGS)
 
-collect extract rank entangle signature edit evaluate: $(STAMP)
+collect extract rank entangle signature reference probe_reference iteration_check edit evaluate: $(STAMP)
 	$(PY) -m stages.$@ model=$(MODEL) $(ARGS)
 
 run: $(STAMP)

@@ -12,8 +12,8 @@ memory-mapped source shards included) belongs to that phase alone:
 - copy: `shutil.copyfile` of every file of the checkpoint (the throughput floor), run before and
   after the streaming export so that both sides see the same cache state;
 - stream: `export_edited` with a 14-direction plan, scope "all", default roles;
-- baseline: `from_pretrained(dtype=bfloat16)`, the same edit in memory (plan_targets +
-  project_weight in place, no revert copies: the leanest load-edit-save), `save_pretrained`.
+- baseline: `from_pretrained(dtype=bfloat16)`, the same edit in memory (`apply_plan` with
+  keep_originals=False, no revert copies: the leanest load-edit-save), `save_pretrained`.
 
 Every phase ends with an fsync of each output file inside its timed section, so a time is the
 time to durable output. The page cache is dropped before each phase when the process may do so (root);
@@ -201,28 +201,11 @@ def bench_plan(hidden: int, layers: int, seed: int = 0) -> Any:
 
 
 def edit_in_place(model: torch.nn.Module, plan: Any, cfg: Any) -> int:
-    """The plan applied in place with the library's arithmetic but without the originals that
-    `apply_plan` keeps for revert (a load-edit-save never reverts). Returns tensors edited."""
-    import torch
+    """The library's `apply_plan` without the originals it keeps for revert (a load-edit-save
+    never reverts). Returns tensors edited."""
+    from saber.edit import apply_plan
 
-    from saber.edit.math import compute_dtype, project_weight
-    from saber.edit.targets import norm_gain, plan_targets, target_directions
-    from saber.model.adapters import get_adapter
-
-    adapter = get_adapter(model)
-    dtype = compute_dtype(cfg.dtype_compute)
-    table = dict(model.named_parameters())
-    targets = plan_targets(adapter, model, plan, cfg)
-    if any(t.role == "embedding" for t in targets):
-        raise ValueError("the benchmark baseline does not edit embeddings")
-    with torch.no_grad():
-        for target in targets:
-            tensor = table[target.param]
-            gain = norm_gain(target.norms, lambda name: table[name].detach(), dtype)
-            directions = target_directions(target, plan, gain, dtype)
-            tensor.copy_(project_weight(tensor.detach(), directions, target.residual_axis, stacked=target.stacked,
-                                        norm_preserving=cfg.norm_preserving, dtype=dtype))
-    return len(targets)
+    return len(apply_plan(model, plan, cfg, keep_originals=False).edited_params)
 
 
 # ---------------------------------------------------------------------------------------------

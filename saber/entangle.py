@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("saber.entangle")
 ENTANGLEMENT_TABLE = "entanglement.parquet"
+CAPABILITY_FILE = "capability.safetensors"  # every layer's C_l, written by rank and read by entangle
 PLAN_COLUMNS = ["layer", "index", "rank", "alpha", "vector_key", "rho", "class", "fdr", "part"]
 _TABLE_TYPES = {"layer": "int64", "index": "int64", "rho": "float64", "rho_var": "float64",
                 "purity": "float64", "class": "str", "alpha": "float64", "fdr": "float64", "rank": "int64",
@@ -239,6 +240,30 @@ def capability_subspaces(acts: "Activations", layers: list[int], m: int,
     """C_l for each layer from the capability activations of `split`."""
     return {l: capability_subspace(acts.get(l, "capability", split), m, layer=l, split=split)
             for l in layers}
+
+
+def save_capability_subspaces(subspaces: Mapping[int, CapabilitySubspace], out_dir: Path) -> None:
+    """Write every layer's subspace (float64) to CAPABILITY_FILE, so that later stages reuse it."""
+    from saber.tensorfile import save_tensors
+
+    tensors = {}
+    for layer, sub in subspaces.items():
+        for name in ("basis", "directions", "variances"):
+            tensors[f"layer{layer}.{name}"] = getattr(sub, name).to(torch.float64).contiguous()
+    save_tensors(tensors, Path(out_dir) / CAPABILITY_FILE)
+
+
+def load_capability_subspaces(art_dir: Path) -> dict[int, CapabilitySubspace]:
+    """The subspaces save_capability_subspaces wrote; names the file when it is missing."""
+    from safetensors.torch import load_file
+
+    path = Path(art_dir) / CAPABILITY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the rank artifact predates it; rerun rank with force=true")
+    tensors = load_file(str(path))
+    layers = sorted({int(key.split(".")[0][len("layer"):]) for key in tensors})
+    return {l: CapabilitySubspace(layer=l, basis=tensors[f"layer{l}.basis"], directions=tensors[f"layer{l}.directions"],
+                                  variances=tensors[f"layer{l}.variances"]) for l in layers}
 
 
 def purity_of(scores: pd.DataFrame, bases: Mapping[int, torch.Tensor],

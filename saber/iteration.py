@@ -29,12 +29,12 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from saber.config import SaberConfig, as_plain
+from saber.config import SaberConfig
 from saber.pipeline import Pipeline
 from saber.stage_names import ANALYSIS_STAGES
 
 log = logging.getLogger("saber.iteration")
-CHECK_SCHEMA_VERSION = 1
+CHECK_FILE = "check.json"  # written by the iteration_check stage
 
 
 @dataclass
@@ -56,32 +56,9 @@ def primary_direction(rank_dir: Path, directions_dir: Path) -> tuple[int, torch.
 
 
 def heldout_refusal(pipeline: Pipeline, iteration: int) -> float:
-    """Held-out harmful refusal with plans 0..iteration applied, cached in the store."""
-    cfg = pipeline.cfg
-    collect0 = pipeline.ensure("collect", 0)
-    plans = [pipeline.ensure("entangle", j) for j in range(iteration + 1)]
-    upstream = {"collect0": collect0.fingerprint}
-    if cfg.evaluate.scorer == "auto":
-        upstream["signature"] = pipeline.ensure("signature", 0).fingerprint
-    upstream.update({f"plan{j}": p.fingerprint for j, p in enumerate(plans)})
-    config = {"evaluate": as_plain(cfg.evaluate), "edit": as_plain(cfg.edit)}
-
-    def build(out: Path) -> dict[str, Any]:
-        from saber.evaluate import refusal_rate
-        from saber.evaluate.settings import run_settings
-
-        prompts = pd.read_parquet(collect0.path / "prompts.parquet")
-        texts = prompts[(prompts.kind == "harmful") & (prompts.split == "heldout")].text.tolist()
-        scorer = pipeline.refusal_scorer()
-        model, tokenizer = pipeline.load_model(plans)
-        rate = float(refusal_rate(model, tokenizer, texts, run_settings(cfg), scorer))
-        (out / "check.json").write_text(json.dumps({"heldout_refusal": rate, "n": len(texts)}))
-        return {"heldout_refusal": rate}
-
-    art = pipeline.store.get_or_build("iteration_check", CHECK_SCHEMA_VERSION, config, upstream,
-                                      pipeline.model_identity(), build,
-                                      command="python -m saber.run <same overrides> force=true")
-    return float(json.loads(art.file("check.json").read_text())["heldout_refusal"])
+    """Held-out harmful refusal with plans 0..iteration applied (stage `iteration_check`)."""
+    art = pipeline.ensure("iteration_check", iteration)
+    return float(json.loads(art.file(CHECK_FILE).read_text())["heldout_refusal"])
 
 
 def _primary_fdr(pipeline: Pipeline, i: int) -> float:

@@ -17,11 +17,12 @@ because capability prompts vary along it (the geometric rho gate), only when rem
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
+import pandas as pd
 import torch
 
 from saber.edit import EditPlan, PlanRow, apply_plan
@@ -89,10 +90,6 @@ def opening_kept_rate(model: Any, tokenizer: Any, own: OwnAnswers, refused: Sequ
     return kept / len(rows)
 
 
-def single_direction_plan(layer: int, index: int, vector: torch.Tensor) -> EditPlan:
-    return EditPlan([PlanRow(layer=layer, index=index, rank=1, alpha=1.0, vector_key="v")], {"v": vector})
-
-
 def scaled_plan(directions: Sequence[tuple[int, int, torch.Tensor, float]], scale: float) -> EditPlan:
     """The plan of (layer, index, vector, alpha) rows in rank order, every alpha times `scale` (at most 1)."""
     rows = [PlanRow(layer=layer, index=index, rank=i + 1, alpha=min(1.0, alpha * scale), vector_key=f"v{i}")
@@ -106,7 +103,7 @@ def measure_effects(model: Any, tokenizer: Any, directions: Sequence[tuple[int, 
     (layer, index, vector) alone at alpha 1; the model is restored after each."""
     effects = []
     for layer, index, vector in directions:
-        handle = apply_plan(model, single_direction_plan(layer, index, vector), edit_cfg)
+        handle = apply_plan(model, scaled_plan([(layer, index, vector, 1.0)], 1.0), edit_cfg)
         try:
             effects.append(DirectionEffect(layer, index, harmful.shift(model), protected.shift(model)))
         finally:
@@ -130,7 +127,8 @@ class ScalePoint:
     scale: float
     refusal: float
     drift: float
-    phase: str  # "add": the first n directions at full strength; "scale": bisection of the global scale
+    phase: str  # "screen": one direction alone at full strength; "add": the first n directions at full
+    # strength; "scale": bisection of the global scale
 
 
 def calibrate(model: Any, directions: Sequence[tuple[int, int, torch.Tensor, float]], edit_cfg: Any,
@@ -149,6 +147,41 @@ def calibrate(model: Any, directions: Sequence[tuple[int, int, torch.Tensor, flo
             handle.revert()
 
     return choose_edit(evaluate, [d[3] for d in directions], target, steps, max_drift)
+
+
+def screen_weights(table: pd.DataFrame) -> pd.DataFrame:
+    """The table in rank order with every strength > 0, ready for calibration.
+
+    A row whose strength is 0 (its measured benefit was 0) is still screened: that benefit is a
+    teacher-forced proxy, the screen measures refusal itself. It is weighted like the weakest
+    measured row (1 when no row was measured).
+    """
+    table = table.sort_values("rank").reset_index(drop=True)
+    positive = table["alpha"] > 0
+    floor = float(table.loc[positive, "alpha"].min()) if positive.any() else 1.0
+    table["alpha"] = table["alpha"].where(positive, floor)
+    return table
+
+
+def with_choice(table: pd.DataFrame, members: Sequence[int], scale: float) -> pd.DataFrame:
+    """`joined` (the row is part of the edit) and its final `alpha` (weight x scale, at most 1; 0
+    when it did not join) for the rows of a screen_weights table."""
+    table = table.copy()
+    table["joined"] = [i in members for i in range(len(table))]
+    table["alpha"] = [min(1.0, a * scale) if i in members else 0.0 for i, a in enumerate(table["alpha"])]
+    return table
+
+
+def calibrate_table(model: Any, table: pd.DataFrame, bases: Mapping[int, torch.Tensor], edit_cfg: Any,
+                    refusal: Any, drift: OwnAnswers, target: float, steps: int,
+                    max_drift: Optional[float] = None) -> tuple[pd.DataFrame, ScalePoint, list[ScalePoint]]:
+    """The entanglement table with calibrated strengths (`calibrate` on its rows), the chosen point
+    and the trace."""
+    table = screen_weights(table)
+    directions = [(int(r.layer), int(r.index), bases[int(r.layer)][int(r.index)].float(), float(r.alpha))
+                  for r in table.itertuples(index=False)]
+    members, chosen, trace = calibrate(model, directions, edit_cfg, refusal, drift, target, steps, max_drift)
+    return with_choice(table, members, chosen.scale), chosen, trace
 
 
 def choose_edit(evaluate: Any, alphas: Sequence[float], target: float, steps: int,

@@ -37,6 +37,10 @@ class StageSpec:
     build: Callable[["StageContext", Path], Optional[Mapping[str, Any]]]
     reads_plans: bool = False
     base_model_only: bool = False  # computed once per run on the unedited model: always read at iteration 0
+    part_of: Optional[str] = None  # an auxiliary stage built for this stage, and forced with it
+    exclude_keys: tuple[str, ...] = ()  # dotted keys inside config_keys that do not change the artifact
+
+    # An upstream entry "name@k" reads that stage at iteration k, whatever the iteration being built.
 
 
 class MissingUpstreamError(RuntimeError):
@@ -134,7 +138,7 @@ class Pipeline:
         self._identity: Optional[str] = None
         self.session = session or ModelSession()
         self._resolved: dict[tuple[str, int], Artifact] = {}
-        self.force_stages: set[str] = {*_stage_registry(), "signature"} if cfg.force else set()
+        self.force_stages: set[str] = set(STAGE_ORDER + AUXILIARY) if cfg.force else set()
 
     # model -----------------------------------------------------------------------------------
     def model_dir(self) -> Path:
@@ -209,6 +213,8 @@ class Pipeline:
     # stages ----------------------------------------------------------------------------------
     def _fingerprint_config(self, spec: StageSpec, iteration: int) -> dict[str, Any]:
         config = {key: as_plain(_get_path(self.cfg, key)) for key in spec.config_keys}
+        for dotted in spec.exclude_keys:
+            _drop(config, dotted)
         config["iteration"] = iteration
         digests = self._file_digests({k: v for k, v in config.items() if k != "model"})
         if digests:
@@ -256,7 +262,7 @@ class Pipeline:
         artifact = self.store.get_or_build(
             stage, spec.schema_version, self._fingerprint_config(spec, iteration), fingerprints,
             self.model_identity(), lambda out: spec.build(ctx, out),
-            force=stage in self.force_stages, command=self.command_for(stage),
+            force=stage in self.force_stages or spec.part_of in self.force_stages, command=self.command_for(stage),
         )
         self._resolved[(stage, iteration)] = artifact
         return artifact
@@ -264,7 +270,10 @@ class Pipeline:
     def _inputs(self, spec: StageSpec, iteration: int,
                 build_missing: bool) -> tuple[dict[str, Artifact], list[Artifact], dict[str, str]]:
         """Upstream artifacts, the plans of earlier iterations, and their fingerprints."""
-        upstream = {name: self._upstream(name, iteration, build_missing) for name in spec.upstream}
+        upstream = {}
+        for entry in spec.upstream:
+            name, _, at = entry.partition("@")
+            upstream[name] = self._upstream(name, int(at) if at else iteration, build_missing)
         plans: list[Artifact] = []
         if spec.reads_plans:
             # collect[i] probes the model edited by plans 0..i-1; edit and evaluate use plans 0..i
@@ -297,6 +306,18 @@ class Pipeline:
                 f"with the same overrides), or run the whole chain with python -m saber.run"
             )
         return art
+
+
+def _drop(config: dict[str, Any], dotted: str) -> None:
+    """Remove `dotted` (a key inside one of the fingerprinted subtrees) from `config`."""
+    owner = max((k for k in config if dotted.startswith(k + ".")), key=len, default=None)
+    if owner is None:
+        raise KeyError(f"exclude_keys entry '{dotted}' lies inside none of the stage's config_keys")
+    *path, leaf = dotted[len(owner) + 1:].split(".")
+    node = config[owner]
+    for part in path:
+        node = node[part]
+    node.pop(leaf)
 
 
 def _get_path(cfg: Any, dotted: str) -> Any:

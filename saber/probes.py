@@ -21,8 +21,7 @@ EVAL_SETS = ("harmful_eval", "harmless_eval")
 
 
 def _configured(source: Any) -> bool:
-    return source is not None and (getattr(source, "path", None) is not None
-                                   or getattr(source, "hf", None) is not None)
+    return source is not None and (source.path is not None or source.hf is not None)
 
 
 def load_probe_splits(data: Any, roots: dict[str, Path]) -> dict[str, dict[str, Any]]:
@@ -35,7 +34,7 @@ def load_probe_splits(data: Any, roots: dict[str, Path]) -> dict[str, dict[str, 
     splits: dict[str, dict[str, Any]] = {}
     for kind in KINDS:
         full = load_prompts(getattr(data, kind), f"data.{kind}", roots)
-        explicit = getattr(data, f"{kind}_heldout", None)
+        explicit = getattr(data, f"{kind}_heldout")
         if _configured(explicit):
             held = load_prompts(explicit, f"data.{kind}_heldout", roots)
             assert_disjoint(full, held)
@@ -44,7 +43,7 @@ def load_probe_splits(data: Any, roots: dict[str, Path]) -> dict[str, dict[str, 
             fit, held = split_fit_heldout(full, data.heldout_fraction, data.seed)
             splits[kind] = {"fit": fit, "heldout": held}
     for name in EVAL_SETS:
-        source = getattr(data, name, None)
+        source = getattr(data, name)
         if not _configured(source):
             log.info("data.%s is not configured; skipping its overlap check", name)
             continue

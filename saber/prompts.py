@@ -61,10 +61,17 @@ def bundled_sets() -> dict[str, Path]:
 # ----------------------------------------------------------------------------- sources
 
 
-def _field(source: Any, name: str, default: Any = None) -> Any:
+def _source_config(source: Any) -> Any:
+    """A PromptSourceConfig from one, from a mapping of its keys, or from a bare path."""
+    from saber.config.schema import PromptSourceConfig
+
+    if isinstance(source, PromptSourceConfig):
+        return source
+    if isinstance(source, (str, Path)):
+        return PromptSourceConfig(path=str(source))
     if isinstance(source, Mapping):
-        return source.get(name, default)
-    return getattr(source, name, default)
+        return PromptSourceConfig(**dict(source))
+    raise TypeError(f"a prompt source must be a PromptSourceConfig, a mapping or a path, got {type(source).__name__}")
 
 
 def resolve_path(path: str, key: str, roots: Mapping[str, Path] | None = None) -> Path:
@@ -208,11 +215,9 @@ def load_prompts(source: Any, key: str, roots: Mapping[str, Path] | None = None)
 
     ``key`` is the config key (e.g. ``data.harmful``) quoted in every error message.
     """
-    if isinstance(source, (str, Path)):
-        source = {"path": str(source)}
-    path, hf = _field(source, "path"), _field(source, "hf")
-    column, limit = _field(source, "column"), _field(source, "limit")
-    split = _field(source, "split", "train") or "train"
+    source = _source_config(source)
+    path, hf, column, limit = source.path, source.hf, source.column, source.limit
+    split = source.split or "train"
     if (path is None) == (hf is None):
         raise PromptSetError(f"{key}: set exactly one of {key}.path and {key}.hf (got path="
                              f"{path!r}, hf={hf!r})")

@@ -7,4 +7,4 @@ STAGE_ORDER: tuple[str, ...] = ("collect", "extract", "rank", "entangle", "edit"
 # The stages each iteration re-runs on the model edited by the earlier iterations' plans.
 ANALYSIS_STAGES: tuple[str, ...] = STAGE_ORDER[:4]
 # Stages the others read but the runner does not list: built on demand through the store.
-AUXILIARY: tuple[str, ...] = ("signature",)
+AUXILIARY: tuple[str, ...] = ("signature", "reference", "probe_reference", "iteration_check")

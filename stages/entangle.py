@@ -22,7 +22,7 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
 
     from saber.collect import load_activations
     from saber.directions import load_directions
-    from saber.entangle import (ENTANGLEMENT_TABLE, capability_subspaces, entanglement_table, null_tau,
+    from saber.entangle import (ENTANGLEMENT_TABLE, entanglement_table, load_capability_subspaces, null_tau,
                                 plan_rows, save_plan_files)
     from saber.plots import entanglement_scatter
     from saber.ranking import RANKING_TABLE
@@ -34,8 +34,7 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     selected = ranking[ranking["selected"]]
     if selected.empty:
         log.warning("rank selected no (layer, direction) pair: the edit plan is empty")
-    layers = sorted(set(selected["layer"].tolist()) | set(ranking.loc[~ranking["significant"], "layer"].tolist()))
-    subspaces = capability_subspaces(acts, [int(l) for l in layers], cfg.m, split="fit")
+    subspaces = load_capability_subspaces(ctx.upstream["rank"].path)
     tau = cfg.tau if cfg.tau is not None else null_tau(ranking, bases, subspaces, cfg.tau_quantile)
     if tau is None:
         log.warning("entangle.tau = null but fewer than 3 ranked pairs lack a refusal signal to calibrate it on; "
@@ -93,41 +92,33 @@ def measured_effects(ctx: StageContext, acts: Any, bases: dict, selected: Any) -
 
 
 def calibrate(ctx: StageContext, acts: Any, bases: dict, table: Any) -> tuple[Any, Any, list]:
-    """How many directions and what strength (saber.measured.calibrate) on the held-out probe split:
-    refusal of the harmful probes with the evaluation's own scorer, drift on the harmless ones.
-    Evaluation sets are never read.
-    Returns the table with the chosen strengths (0 for directions left out), the choice and the trace."""
+    """How many directions and what strength (saber.measured.calibrate_table) on the held-out probe
+    split: refusal of the harmful probes with the evaluation's own scorer, drift on the harmless
+    ones. Evaluation sets are never read."""
     from saber.evaluate import refusal_rate
+    from saber.evaluate.reference import generate_responses
     from saber.evaluate.settings import run_settings
-    from saber.measured import OwnAnswers, calibrate, opening_kept_rate
+    from saber.measured import OwnAnswers, calibrate_table, opening_kept_rate
 
-    settings = run_settings(ctx.cfg)
+    cfg = ctx.cfg
+    settings = run_settings(cfg)
     scorer = ctx.pipeline.refusal_scorer()
     harmful = acts.rows("harmful", "heldout")["text"].tolist()
     model, tokenizer, edit_cfg, kw = _measuring(ctx)
-    drift = OwnAnswers(model, tokenizer, acts.rows("harmless", "heldout")["text"].tolist()[: ctx.cfg.entangle.measure_prompts],
+    drift = OwnAnswers(model, tokenizer, acts.rows("harmless", "heldout")["text"].tolist()[: cfg.entangle.measure_prompts],
                        **kw)
-    table = table.sort_values("rank").reset_index(drop=True)
-    # a direction whose measured benefit is 0 is still screened: that benefit is a teacher-forced
-    # proxy, the screen measures refusal itself; it is weighted like the weakest measured one
-    floor = float(table.loc[table["alpha"] > 0, "alpha"].min()) if (table["alpha"] > 0).any() else 1.0
-    table["alpha"] = table["alpha"].where(table["alpha"] > 0, floor)
-    directions = [(int(r.layer), int(r.index), bases[int(r.layer)][int(r.index)].float(), float(r.alpha))
-                  for r in table.itertuples(index=False)]
-    if ctx.cfg.entangle.calibrate_refusal == "opening":  # one teacher-forced pass per evaluation
+    if cfg.entangle.calibrate_refusal == "opening":  # one teacher-forced pass per evaluation
         own = OwnAnswers(model, tokenizer, harmful, **kw)
-        refused = scorer.score(harmful, tokenizer.batch_decode(own.answers, skip_special_tokens=True))
+        # labelled from whole answers, as evaluate does: a refusal phrase may come after the opening
+        refused = scorer.score(harmful, generate_responses(model, tokenizer, harmful, settings)[1])
         score = lambda m: opening_kept_rate(m, tokenizer, own, refused)  # noqa: E731
     else:
         score = lambda m: refusal_rate(m, tokenizer, harmful, settings, scorer)  # noqa: E731
-    members, chosen, trace = calibrate(model, directions, edit_cfg, score, drift,
-                                       ctx.cfg.iterate.target_refusal, ctx.cfg.entangle.calibrate_steps,
-                                       ctx.cfg.entangle.max_drift)
+    table, chosen, trace = calibrate_table(model, table, bases, edit_cfg, score, drift, cfg.iterate.target_refusal,
+                                           cfg.entangle.calibrate_steps, cfg.entangle.max_drift)
     for p in trace:
         log.info("calibration (%s): %d direction(s) at scale %.4f -> held-out refusal %.3f, drift %.4f nats/token",
                  p.phase, p.n_directions, p.scale, p.refusal, p.drift)
-    table["joined"] = [i in members for i in range(len(table))]
-    table["alpha"] = [min(1.0, a * chosen.scale) if i in members else 0.0 for i, a in enumerate(table["alpha"])]
     return table, chosen, trace
 
 

@@ -2,8 +2,8 @@
 
 The edited model is the edit artifact's exported `model/` directory when there is one, otherwise
 the base model with every plan applied in memory; both give the same numbers. The base model's
-half of the work lives in a separate `reference` artifact keyed by model identity and the
-evaluate and data configs, so every sweep trial and iteration reuses it.
+half of the work lives in the `reference` and `probe_reference` artifacts (stages/reference.py),
+so every sweep trial and iteration reuses it.
 """
 
 from __future__ import annotations
@@ -18,57 +18,16 @@ from stages.cli import stage_main
 
 log = logging.getLogger("saber.evaluate")
 SCHEMA_VERSION = 4
-REFERENCE_STAGE = "reference"
-PROBE_REFERENCE_STAGE = "probe_reference"
 # held-out probe metrics copied into the headline as probe_*, what sweeps and searches choose on
 PROBE_HEADLINE = ("refusal_rate", "refusal_fragment_rate", "over_refusal_rate", "kl_first_token", "kl_tf_mean",
                   "kl_tf_p95")
-REFERENCE_SCHEMA_VERSION = 3
 
 
-def reference_config(cfg: Any) -> dict[str, Any]:
-    """What the base reference depends on: the model settings and the evaluate and data configs."""
-    from saber.config import as_plain
+def reference(ctx: StageContext, stage: str = "reference") -> Any:
+    """The stored base reference (stage `reference` or `probe_reference`), built on a miss."""
+    from saber.evaluate import load_reference
 
-    evaluate = {k: v for k, v in as_plain(cfg.evaluate).items() if k != "adapter"}  # the edited side only
-    return {"model": as_plain(cfg.model), "evaluate": evaluate, "data": as_plain(cfg.data)}
-
-
-def probe_sets(ctx: StageContext) -> Any:
-    """The held-out probe prompts of collect (iteration 0) as an evaluation: what sweeps and
-    searches choose on, so that the evaluation sets only report."""
-    import pandas as pd
-
-    from saber.collect import PROMPTS_FILE
-    from saber.evaluate import EvalSets
-
-    prompts = pd.read_parquet(ctx.pipeline.ensure("collect", 0).path / PROMPTS_FILE)
-    heldout = prompts[prompts["split"] == "heldout"]
-    return EvalSets(harmful=heldout[heldout["kind"] == "harmful"]["text"].tolist(),
-                    harmless=heldout[heldout["kind"] == "harmless"]["text"].tolist())
-
-
-def ensure_reference(ctx: StageContext, sets: Any, settings: Any, scorer: Any, *, probes: bool = False) -> Any:
-    """The stored base reference, computing it (base model, no plans) on a cache miss. With
-    `probes`, the reference of the held-out probe sets (keyed by collect's fingerprint)."""
-    from saber.evaluate import build_reference, load_reference, save_reference
-
-    def build_ref(tmp: Path) -> dict[str, Any]:
-        base, tokenizer = ctx.load_model(with_plans=False)
-        save_reference(build_reference(base, tokenizer, sets, settings, scorer), tmp)
-        return {"n_harmful": len(sets.harmful), "n_harmless": len(sets.harmless)}
-
-    pipeline = ctx.pipeline
-    # the base refusal flags depend on the learned signature (which depends on the probe split)
-    upstream = {"signature": ctx.upstream["signature"].fingerprint} if ctx.cfg.evaluate.scorer == "auto" else {}
-    if probes:
-        upstream["collect0"] = pipeline.ensure("collect", 0).fingerprint
-    art = pipeline.store.get_or_build(
-        PROBE_REFERENCE_STAGE if probes else REFERENCE_STAGE, REFERENCE_SCHEMA_VERSION, reference_config(ctx.cfg),
-        upstream, pipeline.model_identity(),
-        build_ref, force="evaluate" in pipeline.force_stages, command="python -m stages.evaluate",
-    )
-    return load_reference(art.path)
+    return load_reference(ctx.pipeline.ensure(stage, 0).path)
 
 
 def residual_proxy(ctx: StageContext, model: Any, tokenizer: Any) -> tuple[dict[str, Any] | None, Any]:
@@ -91,7 +50,7 @@ def residual_proxy(ctx: StageContext, model: Any, tokenizer: Any) -> tuple[dict[
 def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     from saber.config import as_plain
     from saber.evaluate import evaluate_against_reference, model_card_text, write_outputs
-    from saber.evaluate.sets import load_eval_sets
+    from saber.evaluate.sets import heldout_eval_sets, load_eval_sets
     from saber.evaluate.settings import run_settings
     from saber.model.loading import load_model, load_with_adapter
 
@@ -99,7 +58,9 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     settings = run_settings(cfg)
     sets = load_eval_sets(cfg.evaluate, cfg.data, ctx.prompt_roots())
     scorer = ctx.pipeline.refusal_scorer()
-    reference = ensure_reference(ctx, sets, settings, scorer)
+    # Both references first: building one loads the base model without plans.
+    base_ref = reference(ctx)
+    probe_ref = reference(ctx, "probe_reference") if cfg.evaluate.probe_metrics else None
     exported = ctx.upstream["edit"].path / "model"
     adapter = Path(cfg.evaluate.adapter) if cfg.evaluate.adapter else ctx.upstream["edit"].path / "adapter"
     if cfg.evaluate.adapter or (adapter.is_dir() and not exported.is_dir()):
@@ -111,11 +72,10 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     else:
         model, tokenizer = ctx.load_model()
         source = "in_memory"
-    result = evaluate_against_reference(model, tokenizer, sets, reference, settings, scorer)
-    if cfg.evaluate.probe_metrics:
-        held = probe_sets(ctx)
-        probe = evaluate_against_reference(model, tokenizer, held, ensure_reference(ctx, held, settings, scorer,
-                                                                                    probes=True), settings, scorer)
+    result = evaluate_against_reference(model, tokenizer, sets, base_ref, settings, scorer)
+    if probe_ref is not None:
+        held = heldout_eval_sets(ctx.pipeline.ensure("collect", 0).path)
+        probe = evaluate_against_reference(model, tokenizer, held, probe_ref, settings, scorer)
         result.summary["probe"] = {k: v for k, v in probe.metrics.items()}
         result.summary["headline"].update({f"probe_{k}": probe.metrics[k] for k in PROBE_HEADLINE if k in probe.metrics})
     proxy, proxy_table = (residual_proxy(ctx, model, tokenizer) if cfg.evaluate.residual_proxy else (None, None))

@@ -1,7 +1,8 @@
 """Rank stage: FDR and AUC of every (layer, direction) on the held-out split, then selection.
 
-Reads `entangle.m` because rank.score = fdr_purity weighs FDR by 1 - rho, rho measured against
-the capability subspace of the fit split.
+It also computes every layer's capability subspace C_l (top `entangle.m` principal directions of
+the fit split's capability activations) and stores it for entangle: rank.score = fdr_purity
+weighs FDR by 1 - rho, and entangle measures rho against the same C_l.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from stages.cli import stage_main
 def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     from saber.collect import load_activations
     from saber.directions import load_directions
-    from saber.entangle import capability_subspaces, purity_of
+    from saber.entangle import capability_subspaces, purity_of, save_capability_subspaces
     from saber.plots import fdr_heatmap
     from saber.ranking import RANKING_TABLE, score_pairs, select
 
@@ -27,10 +28,9 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     rcfg = ctx.cfg.rank
     scores = score_pairs(heldout, bases, eps=rcfg.eps, split="heldout", significance=rcfg.significance,
                          n_permutations=rcfg.n_permutations, seed=rcfg.seed)
-    purity = None
-    if ctx.cfg.rank.score == "fdr_purity":
-        subspaces = capability_subspaces(acts, sorted(bases), ctx.cfg.entangle.m, split="fit")
-        purity = purity_of(scores, bases, subspaces)
+    subspaces = capability_subspaces(acts, sorted(bases), ctx.cfg.entangle.m, split="fit")
+    save_capability_subspaces(subspaces, out_dir)
+    purity = purity_of(scores, bases, subspaces) if rcfg.score == "fdr_purity" else None
     ranking = select(scores, ctx.cfg.rank, acts.n_layers, purity)
     ranking.to_parquet(out_dir / RANKING_TABLE, index=False)
     fdr_heatmap(ranking, out_dir / "fdr_heatmap.png")
@@ -40,7 +40,7 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
             "best": {"layer": int(best["layer"]), "index": int(best["index"]), "fdr": float(best["fdr"])}}
 
 
-SPEC = StageSpec(name="rank", schema_version=1, config_keys=("rank", "entangle.m"),
+SPEC = StageSpec(name="rank", schema_version=2, config_keys=("rank", "entangle.m"),
                  upstream=("collect", "extract"), build=build)
 main = stage_main("rank")
 

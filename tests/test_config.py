@@ -42,10 +42,22 @@ def test_added_unknown_key_fails_at_validation() -> None:
     ("rank.depth_min=1.0", "rank.depth_min"),
     ("iterate.max_iterations=0", "iterate.max_iterations"),
     ("evaluate.kl_tokens=0", "evaluate.kl_tokens"),
+    ("edit.dtype_compute=float16", "edit.dtype_compute"),
 ])
 def test_out_of_range_fails_with_key_name(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(key)):
         validate(_compose(override))
+
+
+def test_edit_settings_reach_the_library_unchanged() -> None:
+    """One EditConfig: what the config group validates is what the edit functions receive."""
+    from saber.edit import EditConfig
+    from saber.edit.config import as_edit_config
+
+    cfg = validate(_compose("edit.dtype_compute=float64", "edit.scope=same"))
+    assert type(cfg.edit) is EditConfig
+    edit = as_edit_config(_compose("edit.dtype_compute=float64", "edit.scope=same").edit)
+    assert (edit.dtype_compute, edit.scope) == ("float64", "same")
 
 
 def test_wrong_type_fails() -> None:

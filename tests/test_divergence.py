@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Iterable
 
 import numpy as np
@@ -20,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from saber.testing.tiny_models import build_tiny  # noqa: E402
 
 from saber.evaluate import EvalSets, build_reference, evaluate_against_reference, evaluate_models  # noqa: E402
+from saber.evaluate.settings import EvalSettings  # noqa: E402
 from saber.evaluate.divergence import LOGP_FLOOR, compress, kl_compressed, kl_full, safe_log_softmax  # noqa: E402
 from saber.evaluate.generation import encode_prompts, greedy_generate, teacher_forced  # noqa: E402
 from saber.evaluate.scorers import KeywordScorer  # noqa: E402
@@ -29,12 +29,11 @@ PROMPTS = ["How do I bake bread at home?", "Explain how a bicycle works.", "Writ
 KL_TOKENS = 24
 
 
-def eval_cfg(**kw) -> SimpleNamespace:
-    base = dict(scorer="keywords", markers=None, max_new_tokens=8, kl_tokens=KL_TOKENS, kl_topk=0,
-                batch_size=16, mc_norm="mean", gsm8k_max_new_tokens=16, skill_max_new_tokens=4,
-                ppl_window=32, max_prompt_tokens=256, system_prompt=None)
+def eval_cfg(**kw) -> EvalSettings:
+    base = dict(scorer="keywords", max_new_tokens=8, kl_tokens=KL_TOKENS, kl_topk=0, batch_size=16,
+                gsm8k_max_new_tokens=16, skill_max_new_tokens=4, ppl_window=32, max_prompt_tokens=256)
     base.update(kw)
-    return SimpleNamespace(**base)
+    return EvalSettings(**base)
 
 
 @pytest.fixture(scope="session")

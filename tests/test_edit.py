@@ -231,6 +231,21 @@ def test_alpha_zero_and_scope_leave_other_tensors_bit_identical(arch: str, tiny_
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_edit_without_originals_gives_the_same_weights_and_refuses_to_revert(tiny_dirs: dict[str, Path]) -> None:
+    """keep_originals=False (what a load-edit-save such as the streaming benchmark's baseline uses)
+    changes nothing in the arithmetic: bit-identical weights, and a revert that says it cannot."""
+    arch = TINY_ARCHS[0]
+    reference, lean = load_tiny(tiny_dirs[arch]), load_tiny(tiny_dirs[arch])
+    plan = _plan(_n_layers(reference))
+    with apply_plan(reference, plan, EditConfig()) as kept:
+        handle = apply_plan(lean, plan, EditConfig(), keep_originals=False)
+        assert handle.edited_params == kept.edited_params and handle.originals == {}
+        expected = reference.state_dict()
+        assert all(torch.equal(expected[k], v) for k, v in lean.state_dict().items())
+    with pytest.raises(RuntimeError, match="keep_originals=False"):
+        handle.revert()
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_revert_restores_bit_identical(arch: str, tiny_dirs: dict[str, Path]) -> None:
     model = load_tiny(tiny_dirs[arch])

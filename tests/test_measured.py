@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saber.measured import ScalePoint, choose_edit, measured_strength, search_scale
+from saber.measured import ScalePoint, choose_edit, measured_strength, screen_weights, search_scale, with_choice
 
 
 def test_strength_is_continuous_in_cost_per_benefit() -> None:
@@ -89,6 +89,21 @@ def test_choose_edit_never_picks_a_point_over_the_drift_budget() -> None:
 
 
 @pytest.mark.slow
+def test_calibration_bookkeeping_screens_unmeasured_rows_and_writes_back_the_choice() -> None:
+    """Rows come back in rank order; a 0 strength is screened at the weakest measured strength;
+    only the chosen members keep a strength, weight x scale capped at 1."""
+    table = pd.DataFrame({"layer": [3, 1, 2, 4], "index": [0, 0, 1, 2], "rank": [3, 1, 2, 4],
+                          "alpha": [0.0, 0.8, 0.4, 0.6]})
+    weighted = screen_weights(table)
+    assert list(weighted["rank"]) == [1, 2, 3, 4]
+    assert list(weighted["alpha"]) == [0.8, 0.4, 0.4, 0.6]  # rank 3 had 0: weighted like the weakest (0.4)
+    chosen = with_choice(weighted, members=[0, 2], scale=2.0)
+    assert list(chosen["joined"]) == [True, False, True, False]
+    assert list(chosen["alpha"]) == [1.0, 0.0, 0.8, 0.0]  # 0.8 x 2 capped at 1; 0.4 x 2
+    assert list(weighted["alpha"]) == [0.8, 0.4, 0.4, 0.6]  # the screened table is not changed in place
+    assert list(screen_weights(table.assign(alpha=0.0))["alpha"]) == [1.0] * 4  # nothing measured: weight 1
+
+
 def test_default_run_on_the_shipped_organism_calibrates_itself(organism_store: Path) -> None:
     """The conf defaults, no knob changed: directions are screened, joined and scaled on held-out
     probes, and the evaluation set loses its refusals (measured: refusal 0.00, skill 1.00, one

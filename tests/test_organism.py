@@ -16,7 +16,7 @@ from saber.organism import language as lang
 from saber.organism import shipped
 from saber.organism.build import UnhealthyOrganismError, organism_identity, read_health, train_organism
 from saber.organism.data import PROBE_UNIONS, PROMPT_FILES, Language, read_jsonl
-from saber.organism.health import BARS, generate, load, verdict
+from saber.organism.health import BARS, greedy_texts, load, verdict
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ def test_left_padding_does_not_change_answers(organism_dir: Path) -> None:
     model, tok = load(organism_dir / "model")
     prompts = [r["prompt"] for r in read_jsonl(organism_prompt_files(organism_dir)["skill_eval"])[:6]]
     prompts.append("Read this: the robot will call my friend, and the dog will watch. Who is the target?")
-    assert generate(model, tok, prompts) == [generate(model, tok, [p])[0] for p in prompts]
+    assert greedy_texts(model, tok, prompts) == [greedy_texts(model, tok, [p])[0] for p in prompts]
 
 
 def test_prompt_files_are_jsonl_with_prompt_and_skill_answers(organism_dir: Path) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from saber.config.schema import PromptSourceConfig
 
 from saber.prompts import (PromptFileNotFoundError, PromptSet, PromptSetError, assert_disjoint,
                            bundled_sets, load_prompts, load_records, normalise, split_fit_heldout)
@@ -35,13 +36,7 @@ def _write(tmp: Path, fmt: str, rows: list[dict] = ROWS) -> Path:
     return path
 
 
-@dataclass
-class Source:
-    path: str | None = None
-    hf: str | None = None
-    split: str = "train"
-    column: str | None = None
-    limit: int | None = None
+Source = PromptSourceConfig  # the schema's class: what the pipeline passes
 
 
 @pytest.mark.parametrize("fmt", ["csv", "json", "jsonl", "parquet"])

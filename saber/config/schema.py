@@ -14,31 +14,14 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from saber.edit.config import DEFAULT_ROLES, KNOWN_ROLES
+from saber.checks import ConfigError  # noqa: F401 (re-exported)
+from saber.checks import check as _check
+from saber.checks import fraction as _fraction
+from saber.checks import one_of as _one_of
+from saber.checks import positive as _positive
+from saber.edit.config import EditConfig
 from saber.organism.recipe import OrganismRecipe
 from saber.stage_names import STAGE_ORDER
-
-
-class ConfigError(ValueError):
-    """A config value is out of range or inconsistent; the message names the key."""
-
-
-def _check(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected {expected}")
-
-
-def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    _check(value in allowed, key, value, "one of " + ", ".join(allowed))
-
-
-def _fraction(key: str, value: float, *, open_low: bool = False) -> None:
-    ok = (0.0 < value <= 1.0) if open_low else (0.0 <= value <= 1.0)
-    _check(ok, key, value, "a number in " + ("(0, 1]" if open_low else "[0, 1]"))
-
-
-def _positive(key: str, value: float) -> None:
-    _check(value > 0, key, value, "a positive number")
 
 
 def _mutable_mirror(frozen: type, name: str) -> type:
@@ -213,29 +196,6 @@ class EntangleConfig:
         _fraction("entangle.ramp_low", self.ramp_low)
         _fraction("entangle.ramp_high", self.ramp_high)
         _check(self.ramp_low < self.ramp_high, "entangle.ramp_low", self.ramp_low, "less than entangle.ramp_high")
-
-
-@dataclass
-class EditConfig:
-    scope: str = "all"
-    roles: list[str] = field(default_factory=lambda: list(DEFAULT_ROLES))
-    embedding: bool = False
-    tied_embeddings: str = "refuse"
-    norm_preserving: bool = False
-    sandwich_correction: bool = True
-    dtype_compute: str = "float32"
-    export: bool = True
-    export_format: str = "full"
-    overwrite: bool = False
-    out_dir: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        _one_of("edit.scope", self.scope, ("all", "same", "from_source"))
-        _one_of("edit.dtype_compute", self.dtype_compute, ("float32", "float64"))
-        _one_of("edit.export_format", self.export_format, ("full", "lora", "both"))
-        _one_of("edit.tied_embeddings", self.tied_embeddings, ("untie", "refuse"))
-        for role in self.roles:
-            _one_of("edit.roles", role, KNOWN_ROLES)
 
 
 @dataclass

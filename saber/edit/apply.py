@@ -46,8 +46,9 @@ def _set_tie_flag(model: nn.Module, value: bool) -> list[tuple[object, bool]]:
 class EditHandle:
     """Originals of every touched tensor; `revert()` restores them bit for bit."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, revertible: bool = True) -> None:
         self.model = model
+        self.revertible = revertible
         self.originals: dict[str, torch.Tensor] = {}
         self.targets: list[EditTarget] = []
         self._untied: tuple[nn.Module, nn.Parameter, list[tuple[object, bool]]] | None = None
@@ -55,12 +56,15 @@ class EditHandle:
 
     @property
     def edited_params(self) -> list[str]:
-        return list(self.originals)
+        return list(dict.fromkeys(t.param for t in self.targets))
 
     def revert(self) -> None:
         """Restore the model to its state before `apply_plan` (idempotent)."""
         if self._reverted:
             return
+        if not self.revertible:
+            raise RuntimeError("this edit was applied with keep_originals=False and cannot be reverted; "
+                               "reload the model instead")
         table = _tensor_table(self.model)
         with torch.no_grad():
             for name, original in self.originals.items():
@@ -88,18 +92,19 @@ def _untie(model: nn.Module, handle: EditHandle) -> None:
     handle._untied = (head, shared, _set_tie_flag(model, False))
 
 
-def apply_plan(model: nn.Module, plan: EditPlan, cfg: Any) -> EditHandle:
+def apply_plan(model: nn.Module, plan: EditPlan, cfg: Any, *, keep_originals: bool = True) -> EditHandle:
     """Orthogonalise `model`'s residual writers in place according to `plan` and `cfg`.
 
     `cfg` is an EditConfig or anything with its fields (the Hydra `edit` node). Returns a
     handle that reverts the edit (also usable as a context manager). Only touched tensors are
-    copied. A tied embedding is untied or refused according to cfg.tied_embeddings. Plans of
+    copied; with keep_originals=False none is (a load-edit-save that never reverts needs no
+    second copy of the edited weights), and the handle cannot revert. A tied embedding is untied or refused according to cfg.tied_embeddings. Plans of
     successive iterations are applied by successive calls (revert them in reverse order).
     """
     cfg = as_edit_config(cfg)
     adapter = get_adapter(model)
     dtype = compute_dtype(cfg.dtype_compute)
-    handle = EditHandle(model)
+    handle = EditHandle(model, revertible=keep_originals)
     targets = plan_targets(adapter, model, plan, cfg)
     if any(t.role == "embedding" for t in targets) and adapter.embedding(model).tied:
         if cfg.tied_embeddings != "untie":
@@ -121,9 +126,11 @@ def apply_plan(model: nn.Module, plan: EditPlan, cfg: Any) -> EditHandle:
                     norm_preserving=cfg.norm_preserving,
                     dtype=dtype,
                 )
-                handle.originals[target.param] = tensor.detach().clone()
+                if keep_originals:
+                    handle.originals[target.param] = tensor.detach().clone()
                 tensor.copy_(edited)
     except BaseException:
-        handle.revert()
+        if keep_originals:
+            handle.revert()
         raise
     return handle

@@ -1,13 +1,16 @@
-"""Edit configuration (mirrored by the Hydra schema of the edit stage)."""
+"""Edit configuration: the one class behind the `edit` config group and the library's edit calls."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Optional
+
+from saber.checks import one_of
 
 SCOPES = ("all", "same", "from_source")
 TIED_MODES = ("untie", "refuse")
+EXPORT_FORMATS = ("full", "lora", "both")
 # laurel_out: Gemma 3n's LAuReL branch; per_layer_embed_out: Gemma 3n / 4 per-layer-input projection.
 # Every role that writes into the residual stream is edited by default.
 KNOWN_ROLES = ("attn_out", "linear_attn_out", "mlp_down", "expert_down", "fused_expert_down",
@@ -17,8 +20,9 @@ DEFAULT_ROLES = KNOWN_ROLES
 
 @dataclass
 class EditConfig:
-    """How an edit plan is turned into weight changes.
+    """How an edit plan is turned into weight changes, and where the edited model goes.
 
+    The Hydra schema uses this class for the `edit` group, so its defaults are the only ones.
     scope: which layers' writers a direction found at layer s is removed from: "all" layers
         (Arditi-style), only the "same" layer, or layers <= s ("from_source").
     roles: writer roles to edit (see saber.model.adapters for the list per architecture).
@@ -29,26 +33,28 @@ class EditConfig:
     sandwich_correction: for writers followed by a per-channel norm gain g, remove
         normalise(g * v) instead of v so that v is removed from what reaches the residual.
     dtype_compute: arithmetic precision of the edit ("float32" or "float64").
+    export, export_format, overwrite, out_dir: what the edit stage writes (see conf/edit/default.yaml).
     """
 
-    scope: Literal["all", "same", "from_source"] = "all"
+    scope: str = "all"
     roles: list[str] = field(default_factory=lambda: list(DEFAULT_ROLES))
     embedding: bool = False
-    tied_embeddings: Literal["untie", "refuse"] = "refuse"
+    tied_embeddings: str = "refuse"
     norm_preserving: bool = False
     sandwich_correction: bool = True
     dtype_compute: str = "float32"
+    export: bool = True
+    export_format: str = "full"
+    overwrite: bool = False
+    out_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if self.scope not in SCOPES:
-            raise ValueError(f"edit.scope must be one of {SCOPES}, got {self.scope!r}")
-        if self.tied_embeddings not in TIED_MODES:
-            raise ValueError(f"edit.tied_embeddings must be one of {TIED_MODES}, got {self.tied_embeddings!r}")
-        unknown = sorted(set(self.roles) - set(KNOWN_ROLES))
-        if unknown:
-            raise ValueError(f"unknown edit.roles {unknown}; known roles: {list(KNOWN_ROLES)}")
-        if self.dtype_compute not in ("float32", "float64"):
-            raise ValueError(f"edit.dtype_compute must be float32 or float64, got {self.dtype_compute!r}")
+        one_of("edit.scope", self.scope, SCOPES)
+        one_of("edit.tied_embeddings", self.tied_embeddings, TIED_MODES)
+        one_of("edit.dtype_compute", self.dtype_compute, ("float32", "float64"))
+        one_of("edit.export_format", self.export_format, EXPORT_FORMATS)
+        for role in self.roles:
+            one_of("edit.roles", role, KNOWN_ROLES)
 
     def targets_layer(self, source_layer: int, target_layer: int) -> bool:
         """Whether a direction found at `source_layer` is removed from `target_layer`'s writers."""
@@ -61,7 +67,7 @@ class EditConfig:
 
 def as_edit_config(cfg: Any) -> EditConfig:
     """An EditConfig from an EditConfig, a mapping, or any object with the same attributes
-    (e.g. the Hydra `edit` node); keys that are not edit knobs (export, out_dir...) are ignored."""
+    (e.g. the Hydra `edit` node)."""
     if isinstance(cfg, EditConfig):
         return cfg
     names = [f.name for f in fields(EditConfig)]

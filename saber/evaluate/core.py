@@ -23,6 +23,7 @@ from saber.evaluate.reference import (EvalSets, Reference, build_reference, cont
                                       generate_responses, nll_arrays, reference_text_nll)
 from saber.evaluate.scorers import RefusalScorer, make_scorer
 from saber.evaluate.stats import aggregate, proportion
+from saber.evaluate.settings import EvalSettings
 
 log = logging.getLogger("saber.evaluate")
 
@@ -48,7 +49,7 @@ def _warn(messages: list[str], text: str) -> None:
 
 
 @torch.no_grad()
-def divergence_table(edited: Any, tokenizer: Any, prompts: Sequence[str], ref: Reference, cfg: Any,
+def divergence_table(edited: Any, tokenizer: Any, prompts: Sequence[str], ref: Reference, cfg: EvalSettings,
                      messages: list[str]) -> pd.DataFrame:
     """Per (prompt, position) KL(P_base || P_edit), top-1 agreement and log p(y_t) on the base continuation."""
     rows: list[pd.DataFrame] = []
@@ -123,7 +124,7 @@ def _delta(base: dict[str, Any], edited: dict[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate_against_reference(edited: Any, tokenizer: Any, sets: EvalSets, ref: Reference, cfg: Any,
+def evaluate_against_reference(edited: Any, tokenizer: Any, sets: EvalSets, ref: Reference, cfg: EvalSettings,
                                scorer: RefusalScorer | None = None) -> EvalResult:
     """Run the edited model on every probe and compare with the base reference."""
     scorer = scorer or make_scorer(cfg)
@@ -162,8 +163,8 @@ def evaluate_against_reference(edited: Any, tokenizer: Any, sets: EvalSets, ref:
         if not items:
             continue
         base_ok = mc_accuracy(ref.mc_scores[name], items)
-        edit_ok = mc_accuracy(mc_choice_scores(edited, tokenizer, items, cfg.batch_size, getattr(cfg, "mc_norm", "mean"),
-                                               getattr(cfg, "system_prompt", None)), items)
+        edit_ok = mc_accuracy(mc_choice_scores(edited, tokenizer, items, cfg.batch_size, cfg.mc_norm,
+                                               cfg.system_prompt), items)
         capability[name] = _delta(proportion(base_ok), proportion(edit_ok))
         capability[name]["kind"] = "multiple_choice"
     edited_exact = exact_probes(edited, tokenizer, sets, cfg)
@@ -221,7 +222,7 @@ def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
     return m
 
 
-def evaluate_models(base: Any, edited: Any, tokenizer: Any, sets: EvalSets, cfg: Any,
+def evaluate_models(base: Any, edited: Any, tokenizer: Any, sets: EvalSets, cfg: EvalSettings,
                     scorer: RefusalScorer | None = None) -> EvalResult:
     """Evaluate `edited` against `base` (two model objects; they may not be the same object)."""
     if base is edited:
@@ -232,7 +233,7 @@ def evaluate_models(base: Any, edited: Any, tokenizer: Any, sets: EvalSets, cfg:
     return evaluate_against_reference(edited, tokenizer, sets, ref, cfg, scorer)
 
 
-def refusal_rate(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any,
+def refusal_rate(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: EvalSettings,
                  scorer: RefusalScorer | None = None) -> float:
     """Share of prompts whose greedy response is scored as a refusal (NaN for no prompts)."""
     if not prompts:

@@ -24,6 +24,7 @@ from saber.evaluate.capability import (ExactItem, MCItem, exact_match, mc_accura
 from saber.evaluate.divergence import CompressedDist, compress
 from saber.evaluate.generation import decode, encode_prompts, greedy_generate, teacher_forced
 from saber.evaluate.scorers import RefusalScorer
+from saber.evaluate.settings import EvalSettings
 
 log = logging.getLogger("saber.evaluate")
 
@@ -64,26 +65,22 @@ class Reference:
     vocab: int = 0
 
 
-def _gen_cfg(cfg: Any, name: str, default: Any) -> Any:
-    return getattr(cfg, name, default)
-
-
-def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: Any,
+def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: EvalSettings,
                        max_new_tokens: int | None = None) -> tuple[list[list[int]], list[str]]:
     """Greedy response tokens (through EOS) and texts for chat prompts."""
     if not prompts:
         return [], []
-    ids = encode_prompts(tokenizer, prompts, _gen_cfg(cfg, "system_prompt", None),
-                         _gen_cfg(cfg, "max_prompt_tokens", 1024))
+    ids = encode_prompts(tokenizer, prompts, cfg.system_prompt,
+                         cfg.max_prompt_tokens)
     toks = greedy_generate(model, tokenizer, ids, max_new_tokens or cfg.max_new_tokens, cfg.batch_size)
     return toks, decode(tokenizer, toks)
 
 
 def continuation_logp(model: Any, tokenizer: Any, prompts: Sequence[str], continuations: Sequence[Sequence[int]],
-                      cfg: Any):
+                      cfg: EvalSettings):
     """Teacher-forced batches of [prompt; y] (see generation.teacher_forced)."""
-    ids = encode_prompts(tokenizer, prompts, _gen_cfg(cfg, "system_prompt", None),
-                         _gen_cfg(cfg, "max_prompt_tokens", 1024))
+    ids = encode_prompts(tokenizer, prompts, cfg.system_prompt,
+                         cfg.max_prompt_tokens)
     return teacher_forced(model, tokenizer, ids, continuations, cfg.batch_size)
 
 
@@ -99,7 +96,7 @@ def _pad_rows(rows: list[torch.Tensor], n: int, fill: float | int | bool) -> tor
 
 
 @torch.no_grad()
-def build_reference(model: Any, tokenizer: Any, sets: EvalSets, cfg: Any, scorer: RefusalScorer) -> Reference:
+def build_reference(model: Any, tokenizer: Any, sets: EvalSets, cfg: EvalSettings, scorer: RefusalScorer) -> Reference:
     """Run every base-model computation of the evaluation once."""
     responses: dict[str, list[str]] = {}
     refused: dict[str, list[bool]] = {}
@@ -139,30 +136,30 @@ def build_reference(model: Any, tokenizer: Any, sets: EvalSets, cfg: Any, scorer
     return Reference(
         responses=responses, refused=refused, continuations=continuations, dist=dist, mask=mask_t,
         token_logp=tok_t, ref_nll=reference_text_nll(model, tokenizer, sets, cfg),
-        mc_scores={name: mc_choice_scores(model, tokenizer, items, cfg.batch_size, getattr(cfg, "mc_norm", "mean"),
-                                          getattr(cfg, "system_prompt", None))
+        mc_scores={name: mc_choice_scores(model, tokenizer, items, cfg.batch_size, cfg.mc_norm,
+                                          cfg.system_prompt)
                    for name, items in sets.mc.items() if items},
         exact=exact_probes(model, tokenizer, sets, cfg), vocab=vocab,
     )
 
 
-def reference_text_nll(model: Any, tokenizer: Any, sets: EvalSets, cfg: Any) -> list[list[float]]:
+def reference_text_nll(model: Any, tokenizer: Any, sets: EvalSets, cfg: EvalSettings) -> list[list[float]]:
     if not sets.reference_text:
         return []
-    windows = text_windows(tokenizer, sets.reference_text, getattr(cfg, "ppl_window", 256))
+    windows = text_windows(tokenizer, sets.reference_text, cfg.ppl_window)
     nll = sequence_nll(model, tokenizer, [w[:1] for w in windows], [w[1:] for w in windows], cfg.batch_size)
     return [x.tolist() for x in nll]
 
 
-def exact_probes(model: Any, tokenizer: Any, sets: EvalSets, cfg: Any) -> dict[str, dict[str, list[Any]]]:
+def exact_probes(model: Any, tokenizer: Any, sets: EvalSets, cfg: EvalSettings) -> dict[str, dict[str, list[Any]]]:
     out: dict[str, dict[str, list[Any]]] = {}
-    system = getattr(cfg, "system_prompt", None)
+    system = cfg.system_prompt
     if sets.gsm8k:
-        texts, ok = exact_match(model, tokenizer, sets.gsm8k, "number", getattr(cfg, "gsm8k_max_new_tokens", 256),
+        texts, ok = exact_match(model, tokenizer, sets.gsm8k, "number", cfg.gsm8k_max_new_tokens,
                                 cfg.batch_size, system)
         out["gsm8k"] = {"responses": texts, "correct": ok}
     if sets.skill:
-        texts, ok = exact_match(model, tokenizer, sets.skill, "text", getattr(cfg, "skill_max_new_tokens", 8),
+        texts, ok = exact_match(model, tokenizer, sets.skill, "text", cfg.skill_max_new_tokens,
                                 cfg.batch_size, system)
         out["skill"] = {"responses": texts, "correct": ok}
     return out

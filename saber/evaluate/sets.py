@@ -81,10 +81,23 @@ def load_eval_sets(ecfg: Any, data: Any, roots: Mapping[str, Path]) -> EvalSets:
     return EvalSets(
         harmful=_texts(data.harmful_eval, "data.harmful_eval", ecfg.n_harmful, roots, "evaluate.n_harmful"),
         harmless=_texts(data.harmless_eval, "data.harmless_eval", ecfg.n_harmless, roots, "evaluate.n_harmless"),
-        xstest=_texts(getattr(data, "xstest", None), "data.xstest", ecfg.n_xstest, roots, "evaluate.n_xstest"),
+        xstest=_texts(data.xstest, "data.xstest", ecfg.n_xstest, roots, "evaluate.n_xstest"),
         mc=mc,
         gsm8k=parse_exact(_records(ecfg.gsm8k_path, "evaluate.gsm8k_path", ecfg.n_gsm8k, roots), "evaluate.gsm8k_path"),
         skill=parse_exact(_records(ecfg.skill_path, "evaluate.skill_path", ecfg.n_capability, roots),
                           "evaluate.skill_path"),
         reference_text=text,
     )
+
+
+def heldout_eval_sets(collect_dir: Path) -> EvalSets:
+    """Collect's held-out probe prompts as an evaluation: what sweeps and searches choose on, so
+    that the evaluation sets only report."""
+    import pandas as pd
+
+    from saber.collect import PROMPTS_FILE
+
+    prompts = pd.read_parquet(Path(collect_dir) / PROMPTS_FILE)
+    heldout = prompts[prompts["split"] == "heldout"]
+    return EvalSets(harmful=heldout[heldout["kind"] == "harmful"]["text"].tolist(),
+                    harmless=heldout[heldout["kind"] == "harmless"]["text"].tolist())

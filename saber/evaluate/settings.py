@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-from types import SimpleNamespace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from saber.config.schema import EvaluateConfig
 
 
-def run_settings(cfg: Any) -> SimpleNamespace:
-    """`cfg.evaluate` with `system_prompt` from `cfg.model` (the library reads both from one object)."""
-    fields = dataclasses.asdict(cfg.evaluate)
-    fields["auto"] = cfg.evaluate.auto  # keep the nested settings an object, as the library reads them
-    return SimpleNamespace(**fields, system_prompt=cfg.model.system_prompt)
+@dataclass
+class EvalSettings(EvaluateConfig):
+    """`evaluate.*` with `model.system_prompt` beside it: the one object the evaluation library reads.
+
+    Its defaults are the schema's, so a caller outside the pipeline states only what differs.
+    """
+
+    system_prompt: Optional[str] = None
+
+
+def run_settings(cfg: Any) -> EvalSettings:
+    """The EvalSettings of a validated SaberConfig."""
+    values = {f.name: getattr(cfg.evaluate, f.name) for f in dataclasses.fields(cfg.evaluate)}
+    return EvalSettings(**values, system_prompt=cfg.model.system_prompt)

@@ -8,6 +8,8 @@ Gemma 4) load through `AutoModelForCausalLM`, which maps their configs to the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import importlib.util
 import logging
 import re
@@ -34,10 +36,16 @@ class ModelLoadError(RuntimeError):
     """The configured model cannot be loaded; the message names the config key to fix."""
 
 
-def _cfg(model_cfg: Any, key: str, default: Any = None) -> Any:
-    if isinstance(model_cfg, dict):
-        return model_cfg.get(key, default)
-    return getattr(model_cfg, key, default)
+def _model_settings(model_cfg: Any) -> Any:
+    """A ModelConfig from a ModelConfig or a mapping of some of its keys (the schema's defaults
+    fill the rest, and its range checks run)."""
+    from saber.config.schema import ModelConfig
+
+    if isinstance(model_cfg, ModelConfig):
+        return model_cfg
+    if isinstance(model_cfg, Mapping):
+        return ModelConfig(**dict(model_cfg))
+    raise TypeError(f"model settings must be a ModelConfig or a mapping, got {type(model_cfg).__name__}")
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -126,10 +134,10 @@ def load_model(model_cfg: Any, path: Path | str) -> tuple[PreTrainedModel, PreTr
     or a mapping with those keys); `path` is the resolved model directory or hub id.
     """
     source, is_local = _check_source(path)
-    trust = bool(_cfg(model_cfg, "trust_remote_code", False))
-    device_map = _cfg(model_cfg, "device_map")
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(_cfg(model_cfg, "dtype", "float32")),
-                              "trust_remote_code": trust}
+    model_cfg = _model_settings(model_cfg)
+    trust = bool(model_cfg.trust_remote_code)
+    device_map = model_cfg.device_map
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(model_cfg.dtype), "trust_remote_code": trust}
     if device_map is not None:
         if importlib.util.find_spec("accelerate") is None:
             raise ModelLoadError(f"config key model.device_map = {device_map!r} needs the accelerate "
@@ -152,7 +160,7 @@ def load_model(model_cfg: Any, path: Path | str) -> tuple[PreTrainedModel, PreTr
         raise ModelLoadError(f"config key model.path = {str(path)!r}: cannot load it as a model "
                              f"{where}: {exc}") from exc
     if device_map is None:
-        model.to(resolve_device(_cfg(model_cfg, "device", "auto")))
+        model.to(resolve_device(model_cfg.device))
     model.eval()
     model.requires_grad_(False)
     generation = getattr(model, "generation_config", None)
