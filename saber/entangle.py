@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import numpy as np
 import pandas as pd
@@ -205,18 +205,23 @@ def plan_rows(table: pd.DataFrame, bases: Mapping[int, torch.Tensor],
     return pd.DataFrame(rows, columns=PLAN_COLUMNS).astype(_PLAN_TYPES), vectors
 
 
-def save_plan_files(plan: pd.DataFrame, vectors: Mapping[str, torch.Tensor], out_dir: Path) -> None:
+def save_plan_files(plan: pd.DataFrame, vectors: Mapping[str, torch.Tensor], out_dir: Path,
+                    deltas: Optional[Callable[[Any], dict]] = None) -> None:
     """Write plan.parquet and plan.safetensors (vector_key -> float32 [d]) for the edit stage.
 
     The edit library's `save_plan` writes the columns edit reads; the table is then rewritten
     with the report columns (rho, class, fdr, part) added, which `load_plan` carries along.
+    `deltas(plan)`, for edit.method=lsq, gives the least-squares factors saved beside the plan.
     """
     from saber.edit.plan import PLAN_TABLE, EditPlan, PlanRow, save_plan
 
     rows = [PlanRow(layer=int(r["layer"]), index=int(r["index"]), rank=int(r["rank"]),
                     alpha=float(r["alpha"]), vector_key=str(r["vector_key"]))
             for r in plan.to_dict("records")]
-    save_plan(EditPlan(rows=rows, vectors=dict(vectors)), Path(out_dir))
+    edit_plan = EditPlan(rows=rows, vectors=dict(vectors))
+    if deltas is not None:
+        edit_plan.deltas = deltas(edit_plan)
+    save_plan(edit_plan, Path(out_dir))
     plan[PLAN_COLUMNS].to_parquet(Path(out_dir) / PLAN_TABLE, index=False)
 
 

@@ -17,7 +17,8 @@ because capability prompts vary along it (the geometric rho gate), only when rem
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -97,13 +98,18 @@ def scaled_plan(directions: Sequence[tuple[int, int, torch.Tensor, float]], scal
     return EditPlan(rows, {f"v{i}": vector for i, (_, _, vector, _) in enumerate(directions)})
 
 
+def projection_edit(model: Any, edit_cfg: Any) -> Callable[[EditPlan], Any]:
+    """The in-memory edit every measurement applies by default: apply_plan (revert with the handle)."""
+    return lambda plan: apply_plan(model, plan, edit_cfg)
+
+
 def measure_effects(model: Any, tokenizer: Any, directions: Sequence[tuple[int, int, torch.Tensor]],
-                    harmful: OwnAnswers, protected: OwnAnswers, edit_cfg: Any) -> list[DirectionEffect]:
+                    harmful: OwnAnswers, protected: OwnAnswers, edit: Callable[[EditPlan], Any]) -> list[DirectionEffect]:
     """Benefit (refusal answers' NLL shift) and cost (protected answers' shift) of removing each
-    (layer, index, vector) alone at alpha 1; the model is restored after each."""
+    (layer, index, vector) alone at alpha 1 with `edit(plan) -> handle`; the model is restored after each."""
     effects = []
     for layer, index, vector in directions:
-        handle = apply_plan(model, scaled_plan([(layer, index, vector, 1.0)], 1.0), edit_cfg)
+        handle = edit(scaled_plan([(layer, index, vector, 1.0)], 1.0))
         try:
             effects.append(DirectionEffect(layer, index, harmful.shift(model), protected.shift(model)))
         finally:
@@ -128,19 +134,20 @@ class ScalePoint:
     refusal: float
     drift: float
     phase: str  # "screen": one direction alone at full strength; "add": the first n directions at full
-    # strength; "scale": bisection of the global scale
+    # strength; "scale": bisection of the global scale; "protect": bisection of the lsq protection weight
+    protection: Optional[float] = None  # mu of the least-squares edit (None: projection)
 
 
-def calibrate(model: Any, directions: Sequence[tuple[int, int, torch.Tensor, float]], edit_cfg: Any,
+def calibrate(model: Any, directions: Sequence[tuple[int, int, torch.Tensor, float]], edit: Callable[[EditPlan], Any],
               refusal: Any, drift: OwnAnswers, target: float, steps: int,
               max_drift: Optional[float] = None) -> tuple[list[int], ScalePoint, list[ScalePoint]]:
     """The least edit of `directions` (layer, index, vector, alpha) that reaches `target` (choose_edit).
 
     `refusal(model) -> rate` is measured on the held-out harmful probes, `drift` on held-out
-    harmless ones; every evaluation is applied in memory and reverted.
+    harmless ones; every evaluation is applied in memory by `edit(plan) -> handle` and reverted.
     """
     def evaluate(members: Sequence[int], scale: float) -> tuple[float, float]:
-        handle = apply_plan(model, scaled_plan([directions[i] for i in members], scale), edit_cfg)
+        handle = edit(scaled_plan([directions[i] for i in members], scale))
         try:
             return float(refusal(model)), drift.shift(model)
         finally:
@@ -172,16 +179,61 @@ def with_choice(table: pd.DataFrame, members: Sequence[int], scale: float) -> pd
     return table
 
 
-def calibrate_table(model: Any, table: pd.DataFrame, bases: Mapping[int, torch.Tensor], edit_cfg: Any,
+def calibrate_table(model: Any, table: pd.DataFrame, bases: Mapping[int, torch.Tensor], edit: Callable[[EditPlan], Any],
                     refusal: Any, drift: OwnAnswers, target: float, steps: int,
-                    max_drift: Optional[float] = None) -> tuple[pd.DataFrame, ScalePoint, list[ScalePoint]]:
+                    max_drift: Optional[float] = None,
+                    edit_at: Optional[Callable[[float], Callable[[EditPlan], Any]]] = None,
+                    protect_range: tuple[float, float] = (1e-3, 1e3)
+                    ) -> tuple[pd.DataFrame, ScalePoint, list[ScalePoint]]:
     """The entanglement table with calibrated strengths (`calibrate` on its rows), the chosen point
-    and the trace."""
+    and the trace.
+
+    With `edit_at(mu) -> edit` (the least-squares edit with a protection weight to find), `edit`
+    is that edit at the low end of `protect_range`; the directions are chosen at full strength and
+    the largest mu that still reaches the target (or, when the target was missed, the refusal
+    reached) is then found (search_protection) instead of a lower global scale: more protection
+    is what lowers drift there.
+    """
     table = screen_weights(table)
     directions = [(int(r.layer), int(r.index), bases[int(r.layer)][int(r.index)].float(), float(r.alpha))
                   for r in table.itertuples(index=False)]
-    members, chosen, trace = calibrate(model, directions, edit_cfg, refusal, drift, target, steps, max_drift)
+    members, chosen, trace = calibrate(model, directions, edit, refusal, drift, target,
+                                       0 if edit_at is not None else steps, max_drift)
+    if edit_at is not None:
+        chosen = dataclasses.replace(chosen, protection=protect_range[0])
+        trace = [dataclasses.replace(p, protection=protect_range[0]) for p in trace]
+        joined = [directions[i] for i in members]
+
+        def at(mu: float) -> ScalePoint:
+            handle = edit_at(mu)(scaled_plan(joined, chosen.scale))
+            try:
+                return ScalePoint(len(joined), chosen.scale, float(refusal(model)), drift.shift(model), "protect", mu)
+            finally:
+                handle.revert()
+
+        if max_drift is None or chosen.drift <= max_drift:
+            # a missed target is not made worse: protection may grow while refusal stays at the best reached
+            bar = max(target, chosen.refusal)
+            chosen, more = search_protection(at, chosen, lambda p: p.refusal <= bar, steps, protect_range[1])
+            trace = trace + more
     return with_choice(table, members, chosen.scale), chosen, trace
+
+
+def search_protection(evaluate: Any, start: ScalePoint, accept: Any, steps: int,
+                      high: float) -> tuple[ScalePoint, list[ScalePoint]]:
+    """The largest protection weight mu in [start.protection, high] whose point is accepted, by
+    bisection of log mu in `steps` evaluations of `evaluate(mu) -> ScalePoint` (`start` is
+    accepted; refusal grows with mu, drift falls). Returns the best point and the trace."""
+    lo, hi = np.log(start.protection), np.log(high)
+    best, trace = start, []
+    for _ in range(steps):
+        point = evaluate(float(np.exp(0.5 * (lo + hi))))
+        trace.append(point)
+        if accept(point):
+            lo, best = np.log(point.protection), point
+        else:
+            hi = np.log(point.protection)
+    return best, trace
 
 
 def choose_edit(evaluate: Any, alphas: Sequence[float], target: float, steps: int,

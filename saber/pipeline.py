@@ -33,7 +33,7 @@ class StageSpec:
     name: str
     schema_version: int
     config_keys: tuple[str, ...]
-    upstream: tuple[str, ...]
+    upstream: tuple[str, ...] | Callable[[SaberConfig], tuple[str, ...]]  # or a function of the config
     build: Callable[["StageContext", Path], Optional[Mapping[str, Any]]]
     reads_plans: bool = False
     base_model_only: bool = False  # computed once per run on the unedited model: always read at iteration 0
@@ -271,7 +271,7 @@ class Pipeline:
                 build_missing: bool) -> tuple[dict[str, Artifact], list[Artifact], dict[str, str]]:
         """Upstream artifacts, the plans of earlier iterations, and their fingerprints."""
         upstream = {}
-        for entry in spec.upstream:
+        for entry in (spec.upstream(self.cfg) if callable(spec.upstream) else spec.upstream):
             name, _, at = entry.partition("@")
             upstream[name] = self._upstream(name, int(at) if at else iteration, build_missing)
         plans: list[Artifact] = []

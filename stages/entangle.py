@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,68 +44,119 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, tau=tau)
     # a calibrated pass finds its own strength; decay would only stop it short of the target
     decay = 1.0 if cfg.calibrate else ctx.cfg.iterate.alpha_decay ** ctx.iteration
-    effects = measured_effects(ctx, acts, bases, selected) if cfg.mode == "measured" else None
+    lsq = ctx.cfg.edit.method == "lsq" and not selected.empty
+    m = _measuring(ctx, acts, bases, selected) if (cfg.mode == "measured" or cfg.calibrate or lsq) else None
+    effects = measured_effects(ctx, m, acts, bases, selected) if cfg.mode == "measured" else None
     table = entanglement_table(selected, bases, subspaces, cfg, acts.n_layers, decay, effects)
     meta: dict[str, Any] = {}
     if cfg.calibrate and not table.empty:
-        table, chosen, trace = calibrate(ctx, acts, bases, table)
+        table, chosen, trace = calibrate(ctx, m, acts, table, bases)
         pd.DataFrame([vars(p) for p in trace]).to_parquet(out_dir / "calibration.parquet", index=False)
         meta["calibration"] = {**vars(chosen), "evaluations": len(trace)}
     table.to_parquet(out_dir / ENTANGLEMENT_TABLE, index=False)
     plan, vectors = plan_rows(table[table["alpha"] > 0], bases, subspaces, cfg, decay)
-    save_plan_files(plan, vectors, out_dir)
+    deltas = m.lsq.deltas if lsq else None
+    save_plan_files(plan, vectors, out_dir, deltas)
+    if lsq:
+        meta["lsq_protect_weight"] = m.lsq.protect_weight
     entanglement_scatter(table, cfg.tau, out_dir / "entanglement.png")
     return {"directions": len(table), "plan_rows": len(plan), "decay": decay, "tau": tau,
             "entangled": int((table["class"] == "entangled").sum()), **meta}
 
 
-def _measuring(ctx: StageContext) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """The model this iteration probes (earlier plans applied), its tokenizer, the edit settings
-    every measurement removes directions with, and the arguments of OwnAnswers."""
-    from saber.edit import EditConfig
+@dataclass
+class Measuring:
+    """The model this iteration probes (earlier plans applied), its tokenizer, the in-memory edit
+    every measurement applies (projection, or the least-squares edit with its input maps), and
+    the arguments of OwnAnswers."""
+
+    model: Any
+    tokenizer: Any
+    edit: Any  # plan -> handle
+    answers: dict[str, Any]
+    lsq: Any = None  # the LsqEditor with edit.method=lsq
+    edit_cfg: Any = None
+
+    def lsq_edit(self, protect_weight: float | None = None) -> Any:
+        """The in-memory least-squares edit, at the editor's protection weight or another one."""
+        from saber.edit import apply_plan
+
+        editor = self.lsq if protect_weight is None else self.lsq.with_protection(protect_weight)
+        return lambda plan: apply_plan(self.model, editor.with_deltas(plan), self.edit_cfg)
+
+
+def _measuring(ctx: StageContext, acts: Any, bases: dict, rows: Any) -> Measuring:
+    """The model, once per build; with edit.method=lsq, the writers' inputs for `rows` measured."""
+    from saber.measured import projection_edit
 
     cfg = ctx.cfg
     earlier = [ctx.pipeline.ensure("entangle", j) for j in range(ctx.iteration)]  # what collect[i] probed
     model, tokenizer = ctx.pipeline.load_model(earlier)
-    edit_cfg = EditConfig(scope=cfg.edit.scope, roles=list(cfg.edit.roles),
-                          sandwich_correction=cfg.edit.sandwich_correction, tied_embeddings="untie")
+    # every writer setting of the edit, but the measurement never edits the embedding
+    edit_cfg = dataclasses.replace(cfg.edit, tied_embeddings="untie", embedding=False, norm_preserving=False)
     answers = {"n_tokens": cfg.entangle.measure_tokens, "batch_size": cfg.evaluate.batch_size,
                "system_prompt": cfg.model.system_prompt, "max_length": cfg.collect.max_length}
-    return model, tokenizer, edit_cfg, answers
+    measuring = Measuring(model, tokenizer, projection_edit(model, edit_cfg), answers, edit_cfg=edit_cfg)
+    if cfg.edit.method == "lsq":
+        measuring.lsq = lsq_editor(model, tokenizer, edit_cfg, acts, bases, rows, answers, cfg.edit.lsq.protect_prompts)
+        measuring.edit = measuring.lsq_edit()
+    return measuring
 
 
-def measured_effects(ctx: StageContext, acts: Any, bases: dict, selected: Any) -> dict[tuple[int, int], tuple[float, float]]:
+def lsq_editor(model: Any, tokenizer: Any, edit_cfg: Any, acts: Any, bases: dict, rows: Any,
+               answers: dict[str, Any], n_protect: int) -> Any:
+    """The least-squares editor of every writer `rows` touches: its inputs on the harmful fit
+    prompts and on the protected ones (harmless and capability fit), each with the model's answer."""
+    from saber.edit.lsq import build_editor
+    from saber.evaluate.generation import pad_id_of
+    from saber.measured import OwnAnswers, scaled_plan
+
+    def sequences(prompts: list[str]) -> list[list[int]]:
+        own = OwnAnswers(model, tokenizer, prompts, **answers)
+        return [list(p) + list(a) for p, a in zip(own.ids, own.answers)]
+
+    harmful = sequences(acts.rows("harmful", "fit")["text"].tolist())
+    protected = sequences(acts.rows("harmless", "fit")["text"].tolist()[:n_protect]
+                          + acts.rows("capability", "fit")["text"].tolist()[:n_protect])
+    plan = scaled_plan([(int(r.layer), int(r.index), bases[int(r.layer)][int(r.index)].float(), 1.0)
+                        for r in rows.itertuples(index=False)], 1.0)
+    return build_editor(model, edit_cfg, plan, harmful, protected, answers["batch_size"], pad_id_of(tokenizer))
+
+
+def measured_effects(ctx: StageContext, m: Measuring, acts: Any, bases: dict,
+                     selected: Any) -> dict[tuple[int, int], tuple[float, float]]:
     """Benefit and cost of each selected direction, ablated alone (saber.measured), on fit prompts."""
     from saber.measured import OwnAnswers, measure_effects
 
     n = ctx.cfg.entangle.measure_prompts
-    model, tokenizer, edit_cfg, kw = _measuring(ctx)
+    model, tokenizer, kw = m.model, m.tokenizer, m.answers
     harmful = OwnAnswers(model, tokenizer, acts.rows("harmful", "fit")["text"].tolist()[:n], **kw)
     # what the edit must not change: the model's own answers to capability and harmless prompts
     protected = OwnAnswers(model, tokenizer, acts.rows("capability", "fit")["text"].tolist()[:n]
                            + acts.rows("harmless", "fit")["text"].tolist()[:n], **kw)
     directions = [(int(r.layer), int(r.index), bases[int(r.layer)][int(r.index)].float())
                   for r in selected.itertuples(index=False)]
-    effects = measure_effects(model, tokenizer, directions, harmful, protected, edit_cfg)
+    effects = measure_effects(model, tokenizer, directions, harmful, protected, m.edit)
     for e in effects:
         log.info("layer %d direction %d: benefit %.4f, cost %.4f nats/token", e.layer, e.index, e.benefit, e.cost)
     return {(e.layer, e.index): (e.benefit, e.cost) for e in effects}
 
 
-def calibrate(ctx: StageContext, acts: Any, bases: dict, table: Any) -> tuple[Any, Any, list]:
+def calibrate(ctx: StageContext, m: Measuring, acts: Any, table: Any, bases: dict) -> tuple[Any, Any, list]:
     """How many directions and what strength (saber.measured.calibrate_table) on the held-out probe
     split: refusal of the harmful probes with the evaluation's own scorer, drift on the harmless
     ones. Evaluation sets are never read."""
     from saber.evaluate import refusal_rate
     from saber.evaluate.reference import generate_responses
     from saber.evaluate.settings import run_settings
+    from saber.edit.lsq import PROTECT_RANGE
     from saber.measured import OwnAnswers, calibrate_table, opening_kept_rate
 
     cfg = ctx.cfg
     settings = run_settings(cfg)
     scorer = ctx.pipeline.refusal_scorer()
     harmful = acts.rows("harmful", "heldout")["text"].tolist()
-    model, tokenizer, edit_cfg, kw = _measuring(ctx)
+    model, tokenizer, kw = m.model, m.tokenizer, m.answers
     drift = OwnAnswers(model, tokenizer, acts.rows("harmless", "heldout")["text"].tolist()[: cfg.entangle.measure_prompts],
                        **kw)
     if cfg.entangle.calibrate_refusal == "opening":  # one teacher-forced pass per evaluation
@@ -114,11 +166,20 @@ def calibrate(ctx: StageContext, acts: Any, bases: dict, table: Any) -> tuple[An
         score = lambda m: opening_kept_rate(m, tokenizer, own, refused)  # noqa: E731
     else:
         score = lambda m: refusal_rate(m, tokenizer, harmful, settings, scorer)  # noqa: E731
-    table, chosen, trace = calibrate_table(model, table, bases, edit_cfg, score, drift, cfg.iterate.target_refusal,
-                                           cfg.entangle.calibrate_steps, cfg.entangle.max_drift)
+    search_mu = m.lsq is not None and cfg.edit.lsq.protect_weight is None
+    table, chosen, trace = calibrate_table(model, table, bases, m.edit, score, drift, cfg.iterate.target_refusal,
+                                           cfg.entangle.calibrate_steps, cfg.entangle.max_drift,
+                                           m.lsq_edit if search_mu else None, PROTECT_RANGE)
+    if search_mu:
+        # a margin below the edge found on the probes (never below the search's low end)
+        margin = max(PROTECT_RANGE[0], chosen.protection / cfg.edit.lsq.protect_margin)
+        m.lsq = m.lsq.with_protection(margin)
+        log.info("lsq protection: %.3g reached the target on the held-out probes; the edit uses %.3g",
+                 chosen.protection, margin)
     for p in trace:
-        log.info("calibration (%s): %d direction(s) at scale %.4f -> held-out refusal %.3f, drift %.4f nats/token",
-                 p.phase, p.n_directions, p.scale, p.refusal, p.drift)
+        log.info("calibration (%s): %d direction(s) at scale %.4f%s -> held-out refusal %.3f, drift %.4f nats/token",
+                 p.phase, p.n_directions, p.scale, "" if p.protection is None else f", protection {p.protection:.3g}",
+                 p.refusal, p.drift)
     return table, chosen, trace
 
 
@@ -126,7 +187,8 @@ def calibrate(ctx: StageContext, acts: Any, bases: dict, table: Any) -> tuple[An
 # refusal with the evaluation's scorer, so those keys are part of this stage's fingerprint
 SPEC = StageSpec(name="entangle", schema_version=3,
                  config_keys=("entangle", "iterate.alpha_decay", "iterate.target_refusal", "edit.scope",
-                              "edit.roles", "edit.sandwich_correction", "evaluate.scorer", "evaluate.markers",
+                              "edit.roles", "edit.sandwich_correction", "edit.dtype_compute", "edit.method", "edit.lsq",
+                              "evaluate.scorer", "evaluate.markers",
                               "evaluate.extra_markers", "evaluate.prefixes", "evaluate.judge_path", "evaluate.judge_refusal_labels",
                               "evaluate.judge_pair", "evaluate.max_new_tokens", "evaluate.batch_size",
                               "evaluate.max_prompt_tokens"),

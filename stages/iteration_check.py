@@ -14,6 +14,7 @@ from typing import Any
 from saber.iteration import CHECK_FILE
 from saber.pipeline import StageContext, StageSpec
 from stages.cli import stage_main
+from stages.signature import signature_upstream
 
 
 def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
@@ -34,7 +35,8 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
 
 # collect is read at iteration 0: its held-out split is the same in every iteration.
 SPEC = StageSpec(name="iteration_check", schema_version=2, config_keys=("evaluate", "edit"),
-                 upstream=("collect@0", "signature"), build=build, reads_plans=True)
+                 upstream=lambda cfg: ("collect@0", *signature_upstream(cfg)), build=build,
+                 reads_plans=True)
 main = stage_main("iteration_check")
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Any
 
 from saber.pipeline import StageContext, StageSpec
 from stages.cli import stage_main
+from stages.signature import signature_upstream
 
 SCHEMA_VERSION = 4
 CONFIG_KEYS = ("model", "evaluate", "data")
@@ -41,12 +42,11 @@ def build_probes(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     return _write(ctx, heldout_eval_sets(ctx.upstream["collect"].path), out_dir)
 
 
-# The base refusal labels depend on the learned signature, so both read it.
 SPEC = StageSpec(name="reference", schema_version=SCHEMA_VERSION, config_keys=CONFIG_KEYS,
-                 upstream=("signature",), build=build_evaluation, base_model_only=True, part_of="evaluate",
+                 upstream=signature_upstream, build=build_evaluation, base_model_only=True, part_of="evaluate",
                  exclude_keys=EDITED_SIDE_ONLY)
 PROBE_SPEC = StageSpec(name="probe_reference", schema_version=SCHEMA_VERSION, config_keys=CONFIG_KEYS,
-                       upstream=("collect", "signature"), build=build_probes, base_model_only=True,
+                       upstream=lambda cfg: ("collect", *signature_upstream(cfg)), build=build_probes, base_model_only=True,
                        part_of="evaluate", exclude_keys=EDITED_SIDE_ONLY)
 main = stage_main("reference")
 

@@ -50,6 +50,11 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
             "base_harmless_refusal_fit": signature.base_harmless_refusal}
 
 
+def signature_upstream(cfg: Any) -> tuple[str, ...]:
+    """("signature",) when the `auto` scorer labels refusals (a stage reading them depends on it), else ()."""
+    return ("signature",) if cfg.evaluate.scorer == "auto" else ()
+
+
 SPEC = StageSpec(name="signature", schema_version=1,
                  config_keys=("evaluate.scorer", "evaluate.markers", "evaluate.extra_markers", "evaluate.auto",
                               "evaluate.signature_prompts", "evaluate.max_new_tokens", "evaluate.batch_size",

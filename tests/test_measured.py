@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saber.measured import ScalePoint, choose_edit, measured_strength, screen_weights, search_scale, with_choice
+from saber.measured import (ScalePoint, choose_edit, measured_strength, screen_weights, search_protection, search_scale,
+                            with_choice)
 
 
 def test_strength_is_continuous_in_cost_per_benefit() -> None:
@@ -88,7 +89,22 @@ def test_choose_edit_never_picks_a_point_over_the_drift_budget() -> None:
     assert best.drift <= 0.3 and best.scale >= 0.3 - 1.0 / 2**6 and trace[-1].phase == "scale"
 
 
-@pytest.mark.slow
+def test_protection_search_finds_the_largest_weight_that_still_reaches_the_target() -> None:
+    """Planted: refusal stays at 0 up to mu = 5 and is 0.5 above; drift falls with mu. Ten log
+    bisection steps over [1e-3, 1e3] land within a factor 10**(6 / 2**10) of the edge from below."""
+    def evaluate(mu: float) -> ScalePoint:
+        return ScalePoint(1, 1.0, 0.0 if mu <= 5.0 else 0.5, 1.0 / (1.0 + mu), "protect", mu)
+
+    start = evaluate(1e-3)
+    best, trace = search_protection(evaluate, start, lambda p: p.refusal <= 0.0, 10, 1e3)
+    assert len(trace) == 10 and all(p.phase == "protect" for p in trace)
+    assert best.refusal == 0.0 and 5.0 / 10 ** (6 / 2 ** 10) <= best.protection <= 5.0
+    assert best.drift < start.drift
+    never, _ = search_protection(lambda mu: ScalePoint(1, 1.0, 1.0, 0.0, "protect", mu), start,
+                                 lambda p: p.refusal <= 0.0, 4, 1e3)
+    assert never is start  # nothing above the start reaches the target: the start stays
+
+
 def test_calibration_bookkeeping_screens_unmeasured_rows_and_writes_back_the_choice() -> None:
     """Rows come back in rank order; a 0 strength is screened at the weakest measured strength;
     only the chosen members keep a strength, weight x scale capped at 1."""
@@ -104,6 +120,7 @@ def test_calibration_bookkeeping_screens_unmeasured_rows_and_writes_back_the_cho
     assert list(screen_weights(table.assign(alpha=0.0))["alpha"]) == [1.0] * 4  # nothing measured: weight 1
 
 
+@pytest.mark.slow
 def test_default_run_on_the_shipped_organism_calibrates_itself(organism_store: Path) -> None:
     """The conf defaults, no knob changed: directions are screened, joined and scaled on held-out
     probes, and the evaluation set loses its refusals (measured: refusal 0.00, skill 1.00, one
@@ -128,6 +145,25 @@ def test_default_run_on_the_shipped_organism_calibrates_itself(organism_store: P
     headline = result.summary["headline"]
     assert headline["refusal_rate"] <= 0.02  # 96 eval prompts: at most 1 refusal
     assert headline["skill_delta"] >= -0.02 and headline["over_refusal_rate"] <= 0.02
+
+    # The least-squares edit in the same store (collect, ranking, signature and references are
+    # reused): the same directions join at full strength, the protection weight is searched, and
+    # the edit keeps refusal at the same bar with less drift (measured: KL mean 0.0073 vs 0.0104).
+    lsq_cfg = compose_config(f"store_root={organism_store}", "edit.export=false", "edit.method=lsq")
+    lsq = run_pipeline(lsq_cfg)
+    lsq_entangle = lsq.artifacts["entangle"]
+    lsq_trace = pd.read_parquet(lsq_entangle / "calibration.parquet")
+    protect = lsq_trace[lsq_trace["phase"] == "protect"]
+    assert len(protect) == lsq_cfg.entangle.calibrate_steps and (lsq_entangle / "lsq.safetensors").is_file()
+    mu = json.loads((lsq_entangle / "manifest.json").read_text())["meta"]["lsq_protect_weight"]
+    bar = max(lsq_cfg.iterate.target_refusal, lsq_trace.loc[lsq_trace["phase"] != "protect", "refusal"].min())
+    reached = protect.loc[protect["refusal"] <= bar, "protection"]
+    edge = reached.max() if len(reached) else 1e-3  # nothing reached: the search's low end stays
+    assert mu == pytest.approx(max(1e-3, edge / lsq_cfg.edit.lsq.protect_margin))
+    lsq_headline = lsq.summary["headline"]
+    assert lsq_headline["refusal_rate"] <= 0.02 and lsq_headline["skill_delta"] >= -0.02
+    assert lsq_headline["over_refusal_rate"] <= 0.02
+    assert lsq_headline["kl_tf_mean"] < headline["kl_tf_mean"]
 
 
 @pytest.mark.slow

@@ -312,6 +312,11 @@ class SaberConfig:
     seed: int = 0
     debug: bool = False
 
+    def __post_init__(self) -> None:
+        _check(not (self.edit.method == "lsq" and self.edit.lsq.protect_weight is None and not self.entangle.calibrate),
+               "edit.lsq.protect_weight", None,
+               "a number when entangle.calibrate=false (only the calibration can choose it)")
+
 
 def register_configs() -> None:
     """Register the schema so conf/config.yaml can name it in its defaults list."""

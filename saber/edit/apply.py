@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from saber.edit.config import as_edit_config
-from saber.edit.math import compute_dtype, project_weight
+from saber.edit.math import compute_dtype, project_weight, subtract_low_rank
 from saber.edit.plan import EditPlan
 from saber.edit.targets import EditTarget, norm_gain, plan_targets, target_directions
 from saber.model.adapters import get_adapter
@@ -116,16 +116,14 @@ def apply_plan(model: nn.Module, plan: EditPlan, cfg: Any, *, keep_originals: bo
         with torch.no_grad():
             for target in targets:
                 tensor = table[target.param]
-                gain = norm_gain(target.norms, lambda name: table[name].detach(), dtype)
-                directions = target_directions(target, plan, gain, dtype)
-                edited = project_weight(
-                    tensor.detach(),
-                    directions,
-                    target.residual_axis,
-                    stacked=target.stacked,
-                    norm_preserving=cfg.norm_preserving,
-                    dtype=dtype,
-                )
+                if plan.deltas:
+                    left, right = plan.deltas[target.param]
+                    edited = subtract_low_rank(tensor.detach(), left, right, target.residual_axis, dtype)
+                else:
+                    gain = norm_gain(target.norms, lambda name: table[name].detach(), dtype)
+                    edited = project_weight(tensor.detach(), target_directions(target, plan, gain, dtype),
+                                            target.residual_axis, stacked=target.stacked,
+                                            norm_preserving=cfg.norm_preserving, dtype=dtype)
                 if keep_originals:
                     handle.originals[target.param] = tensor.detach().clone()
                 tensor.copy_(edited)

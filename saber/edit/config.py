@@ -6,16 +6,48 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-from saber.checks import one_of
+from saber.checks import check, one_of
 
 SCOPES = ("all", "same", "from_source")
 TIED_MODES = ("untie", "refuse")
 EXPORT_FORMATS = ("full", "lora", "both")
+METHODS = ("projection", "lsq")
 # laurel_out: Gemma 3n's LAuReL branch; per_layer_embed_out: Gemma 3n / 4 per-layer-input projection.
 # Every role that writes into the residual stream is edited by default.
 KNOWN_ROLES = ("attn_out", "linear_attn_out", "mlp_down", "expert_down", "fused_expert_down",
                "laurel_out", "per_layer_embed_out")
 DEFAULT_ROLES = KNOWN_ROLES
+
+
+@dataclass
+class LsqConfig:
+    """Settings of the least-squares edit (saber.edit.lsq; derivation in docs/EDIT.md).
+
+    null_eps: the update is confined to input directions along which the protected inputs' second
+        moment is <= null_eps x its largest eigenvalue; 1 keeps every direction.
+    ridge: lambda = ridge x trace(K_h) / m, the Tikhonov term that bounds the update where the
+        harmful inputs barely differ from the protected ones.
+    protect_weight: mu, the weight of the change on protected inputs; null: calibrated on the
+        held-out probes (the largest mu that still reaches the refusal target, divided by
+        protect_margin: the last mu that reaches the target on the probes sits at the edge, and
+        the edge does not carry over to new prompts).
+    protect_prompts: protected prompts per kind (harmless, capability fit prompts), each with the
+        model's own answer.
+    """
+
+    null_eps: float = 1.0
+    ridge: float = 1e-3
+    protect_weight: Optional[float] = None
+    protect_margin: float = 4.0
+    protect_prompts: int = 128
+
+    def __post_init__(self) -> None:
+        check(0.0 < self.null_eps <= 1.0, "edit.lsq.null_eps", self.null_eps, "a number in (0, 1]")
+        check(self.protect_weight is None or self.protect_weight >= 0.0, "edit.lsq.protect_weight",
+              self.protect_weight, "null (calibrated) or a number >= 0")
+        check(self.ridge > 0.0, "edit.lsq.ridge", self.ridge, "a positive number")
+        check(self.protect_margin >= 1.0, "edit.lsq.protect_margin", self.protect_margin, "a factor >= 1")
+        check(self.protect_prompts >= 1, "edit.lsq.protect_prompts", self.protect_prompts, "an integer >= 1")
 
 
 @dataclass
@@ -33,6 +65,8 @@ class EditConfig:
     sandwich_correction: for writers followed by a per-channel norm gain g, remove
         normalise(g * v) instead of v so that v is removed from what reaches the residual.
     dtype_compute: arithmetic precision of the edit ("float32" or "float64").
+    method: "projection" (remove the directions from every output) or "lsq" (remove them only
+        from outputs on inputs the protected prompts never produce; saber.edit.lsq).
     export, export_format, overwrite, out_dir: what the edit stage writes (see conf/edit/default.yaml).
     """
 
@@ -43,6 +77,8 @@ class EditConfig:
     norm_preserving: bool = False
     sandwich_correction: bool = True
     dtype_compute: str = "float32"
+    method: str = "projection"
+    lsq: LsqConfig = field(default_factory=LsqConfig)
     export: bool = True
     export_format: str = "full"
     overwrite: bool = False
@@ -55,6 +91,10 @@ class EditConfig:
         one_of("edit.export_format", self.export_format, EXPORT_FORMATS)
         for role in self.roles:
             one_of("edit.roles", role, KNOWN_ROLES)
+        one_of("edit.method", self.method, METHODS)
+        check(not (self.method == "lsq" and self.norm_preserving), "edit.norm_preserving", self.norm_preserving,
+              "false with edit.method=lsq (the least-squares update keeps protected outputs; rescaling columns "
+              "would change them)")
 
     def targets_layer(self, source_layer: int, target_layer: int) -> bool:
         """Whether a direction found at `source_layer` is removed from `target_layer`'s writers."""
@@ -77,4 +117,6 @@ def as_edit_config(cfg: Any) -> EditConfig:
         values = {n: getattr(cfg, n) for n in names if hasattr(cfg, n)}
     if "roles" in values:
         values["roles"] = [str(r) for r in values["roles"]]
+    if "lsq" in values and not isinstance(values["lsq"], LsqConfig):
+        values["lsq"] = LsqConfig(**dict(values["lsq"]))
     return EditConfig(**values)

@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageText
 
 from saber.edit.apply import TiedEmbeddingError, tied_embedding_message
 from saber.edit.config import EditConfig, as_edit_config
-from saber.edit.math import compute_dtype, project_out, project_weight
+from saber.edit.math import compute_dtype, project_out, project_weight, subtract_low_rank
 from saber.edit.plan import EditPlan
 from saber.edit.targets import EditTarget, norm_gain, plan_targets, target_directions
 from saber.model.adapters import ArchitectureAdapter, CheckpointTensor, get_adapter
@@ -148,6 +148,9 @@ class _NormReader:
 
 def _edit_tensor(tensor: torch.Tensor, edit: _DiskEdit, cfg: EditConfig, norms: _NormReader) -> torch.Tensor:
     dtype = compute_dtype(cfg.dtype_compute)
+    if edit.plan.deltas:
+        left, right = edit.plan.deltas[edit.target.param]
+        return subtract_low_rank(tensor, left, right, edit.slot.residual_axis, dtype)
     gain = norm_gain(edit.target.norms, norms, dtype)
     directions = target_directions(edit.target, edit.plan, gain, dtype)
     if edit.slot.expert is not None:

@@ -84,6 +84,32 @@ def lora_factors(weight: torch.Tensor, plans_directions: Sequence[Sequence[tuple
     return u.T @ c, u @ w
 
 
+def _projection_factors(src: Path, keys: dict[str, str], adapter: Any, plans: Sequence[EditPlan],
+                        per_plan: list[dict[str, EditTarget]], norms: Any,
+                        dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """LoRA factors of projection plans, per weight, read from the source checkpoint."""
+    per_param: dict[str, list[list[tuple[torch.Tensor, float]]]] = {}
+    for name in sorted(set().union(*per_plan)):
+        per_param[name] = [
+            target_directions(t, p, norm_gain(t.norms, norms, dtype), dtype) if (t := targets.get(name)) else []
+            for p, targets in zip(plans, per_plan)]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, directions in per_param.items():
+        (slot,) = adapter.checkpoint_name(name, keys)
+        with safe_open(str(src / keys[slot.key]), framework="pt") as f:
+            weight = f.get_tensor(slot.key)
+        factors[name] = lora_factors(weight, directions, dtype)
+    return factors
+
+
+def lsq_lora_factors(plans: Sequence[EditPlan], dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(B, A) per weight for least-squares plans: their deltas add up, W' = W - sum_i left_i right_i."""
+    names = sorted(set().union(*(p.deltas for p in plans)))
+    return {name: (torch.cat([-p.deltas[name][0].to(dtype) for p in plans if name in p.deltas], 1),
+                   torch.cat([p.deltas[name][1].to(dtype) for p in plans if name in p.deltas], 0))
+            for name in names}
+
+
 def export_lora(src_dir: Path, out_dir: Path, plan: EditPlan | Sequence[EditPlan], cfg: Any, *,
                 card_extra: str = "") -> Path:
     """Write a PEFT LoRA adapter equal to the edit into the new directory `out_dir`; returns it."""
@@ -109,17 +135,12 @@ def export_lora(src_dir: Path, out_dir: Path, plan: EditPlan | Sequence[EditPlan
         for name, target in targets.items():
             _check_target(target, shapes[name])
         per_plan.append(targets)
-    per_param: dict[str, list[list[tuple[torch.Tensor, float]]]] = {}
-    for name in sorted(set().union(*per_plan)):
-        per_param[name] = [
-            target_directions(t, p, norm_gain(t.norms, norms, dtype), dtype) if (t := targets.get(name)) else []
-            for p, targets in zip(plans, per_plan)]
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, directions in per_param.items():
-        (slot,) = adapter.checkpoint_name(name, keys)
-        with safe_open(str(src / keys[slot.key]), framework="pt") as f:
-            weight = f.get_tensor(slot.key)
-        factors[name] = lora_factors(weight, directions, dtype)
+    if any(p.deltas for p in plans):
+        if not all(p.deltas for p in plans):
+            raise _refuse("it mixes least-squares and projection plans; export the full model instead")
+        factors = lsq_lora_factors(plans, dtype)
+    else:
+        factors = _projection_factors(src, keys, adapter, plans, per_plan, norms, dtype)
     rank = max((a.shape[0] for _, a in factors.values()), default=0)
     if rank == 0:
         raise _refuse("the plans remove no direction from any writer (every alpha is 0 or no writer is targeted)")

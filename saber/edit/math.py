@@ -106,6 +106,17 @@ def project_out(
     return w.movedim(0, residual_axis).contiguous().to(weight.dtype)
 
 
+def subtract_low_rank(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor, residual_axis: int,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """W - left @ right on the residual side of a 2-D weight (a least-squares delta, saber.edit.lsq).
+
+    left is [d, k] on the residual axis, right [k, m]; returns a new tensor in the weight's dtype.
+    """
+    w = _to_residual_first(weight.to(dtype), residual_axis)
+    w = torch.addmm(w, left.to(device=w.device, dtype=dtype), right.to(device=w.device, dtype=dtype), alpha=-1)
+    return w.movedim(0, residual_axis).contiguous().to(weight.dtype)
+
+
 def orthogonalize(
     weight: torch.Tensor,
     u: torch.Tensor,

@@ -2,6 +2,9 @@
 
 On disk: `plan.parquet` (one row per direction: layer, index, rank, alpha, vector_key; other
 columns are carried along and ignored here) and `plan.safetensors` (vector_key -> float32 [d]).
+A least-squares plan (edit.method=lsq, saber.edit.lsq) also has `lsq.safetensors`: per writer
+weight the factors of its update, W' = W - left @ right in the residual-first layout; such a
+plan edits exactly those weights.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 PLAN_TABLE = "plan.parquet"
 PLAN_TENSORS = "plan.safetensors"
+PLAN_DELTAS = "lsq.safetensors"
 _COLUMNS = ("layer", "index", "rank", "alpha", "vector_key")
 
 
@@ -33,6 +37,12 @@ class PlanRow:
 class EditPlan:
     rows: list[PlanRow]
     vectors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # least-squares plans: param -> (left [d, k], right [k, m]); empty for a projection plan
+    deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def method(self) -> str:
+        return "lsq" if self.deltas else "projection"
 
     def __post_init__(self) -> None:
         missing = sorted({r.vector_key for r in self.rows} - set(self.vectors))
@@ -78,7 +88,12 @@ def load_plan(directory: Path) -> EditPlan:
         for r in table[list(_COLUMNS)].itertuples(index=False)
     ]
     vectors = load_file(str(directory / PLAN_TENSORS))
-    return EditPlan(rows=rows, vectors={k: v.to(torch.float32) for k, v in vectors.items()})
+    deltas = {}
+    if (directory / PLAN_DELTAS).is_file():
+        from saber.edit.lsq import deltas_from_tensors
+
+        deltas = deltas_from_tensors(load_file(str(directory / PLAN_DELTAS)))
+    return EditPlan(rows=rows, vectors={k: v.to(torch.float32) for k, v in vectors.items()}, deltas=deltas)
 
 
 def save_plan(plan: EditPlan, directory: Path) -> None:
@@ -92,3 +107,8 @@ def save_plan(plan: EditPlan, directory: Path) -> None:
         {k: v.detach().to(torch.float32).contiguous() for k, v in plan.vectors.items() if k in used},
         str(directory / PLAN_TENSORS),
     )
+    if plan.deltas:
+        from saber.edit.lsq import delta_tensors
+        from saber.tensorfile import save_tensors
+
+        save_tensors(delta_tensors(plan.deltas), directory / PLAN_DELTAS)

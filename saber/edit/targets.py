@@ -36,7 +36,8 @@ class EditTarget:
 def plan_targets(adapter: ArchitectureAdapter, model: nn.Module, plan: EditPlan, cfg: EditConfig) -> list[EditTarget]:
     """Edit targets for `plan` on `model` (a loaded or a meta-device model), in model order.
 
-    Rows with alpha == 0 are dropped; a target without rows is not listed.
+    Rows with alpha == 0 are dropped; a target without rows is not listed. A least-squares plan
+    touches only the weights it carries deltas for.
     """
     ordered = [r for r in plan.ordered() if r.alpha != 0.0]
     targets: list[EditTarget] = []
@@ -59,6 +60,8 @@ def plan_targets(adapter: ArchitectureAdapter, model: nn.Module, plan: EditPlan,
         if writer.bias is not None:
             # a bias has one residual axis: 0 for [d], 1 for a per-expert stack [experts, d]
             targets.append(EditTarget(writer.bias, writer.role, writer.layer, 1 if stacked else 0, stacked, norms, rows))
+    if plan.deltas:
+        targets = [t for t in targets if t.param in plan.deltas]
     return targets
 
 
