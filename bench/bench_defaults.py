@@ -46,7 +46,8 @@ COLUMNS = ("refusal_rate", "refusal_fragment_rate", "over_refusal_rate", "skill_
 
 
 def bench_one(spec: OrganismSpec, seed: int, run_dir: Path, organism_store: Path,
-              allow_unhealthy: bool = False) -> dict[str, Any]:
+              allow_unhealthy: bool = False, roles: dict[str, tuple[str, dict[str, str]]] = ROLES) -> dict[str, Any]:
+    """Every role on one organism (one model load); the roles share the `default` store except `fixed`."""
     from saber.config import as_plain
     from saber.organism import OrganismRecipe, build_organism
     from saber.pipeline import ModelSession
@@ -67,7 +68,7 @@ def bench_one(spec: OrganismSpec, seed: int, run_dir: Path, organism_store: Path
         record["skipped"] = "fails its health bars"
         return record
     session = ModelSession()
-    for role, (method, knobs) in ROLES.items():
+    for role, (method, knobs) in roles.items():
         store = "fixed" if role == "fixed" else "default"
         overrides = {"model.organism_source": "train", "model.allow_unhealthy": str(allow_unhealthy).lower(), **knobs}
         record["points"][role] = run_point(base[store], overrides, session, method, role)
@@ -78,7 +79,8 @@ def healthy(record: dict[str, Any]) -> bool:
     return bool(record["points"]) and bool(record["health"]["passed"])
 
 
-def family_summary(records: Sequence[dict[str, Any]], unhealthy: bool = False) -> list[dict[str, Any]]:
+def family_summary(records: Sequence[dict[str, Any]], unhealthy: bool = False,
+                   roles: Sequence[str] = tuple(ROLES)) -> list[dict[str, Any]]:
     """Median and worst case of every column per family and role (worst = max, skill: min), over
     the healthy organisms (or, with `unhealthy`, over the benchmarked ones that fail their bars)."""
     rows = []
@@ -86,7 +88,7 @@ def family_summary(records: Sequence[dict[str, Any]], unhealthy: bool = False) -
         done = [r for r in records if r["family"] == family and r["points"] and healthy(r) != unhealthy]
         if not done:
             continue
-        for role in ROLES:
+        for role in roles:
             row: dict[str, Any] = {"family": family, "role": role, "n": len(done),
                                    "skipped": sum(1 for r in records if r["family"] == family and not healthy(r))}
             for col in COLUMNS:
@@ -130,6 +132,18 @@ def _kl(ratio: Any) -> str:
     return "n/a" if ratio is None else f"{ratio:.2f}x" + ("" if ratio <= 1.05 else " **above**")
 
 
+def summary_table(rows: Sequence[dict[str, Any]], cols: Sequence[str], show_skipped: bool = True) -> list[str]:
+    """Markdown lines of family_summary rows: median / worst of each column, and the wall time."""
+    lines = ["| family | method | seeds | " + " | ".join(c.replace("_", " ") for c in cols) + " | wall s |",
+             "|---|---|---|" + "---|" * (len(cols) + 1)]
+    for row in rows:
+        cells = [f"{_fmt(row[f'{c}_median'])} / {_fmt(row[f'{c}_worst'])}" for c in cols]
+        skipped = f" (+{row['skipped']} failing their bars)" if show_skipped and row["skipped"] else ""
+        lines.append(f"| {row['family']} | {row['role']} | {row['n']}{skipped} | " + " | ".join(cells)
+                     + f" | {_fmt(row['wall_s_median'])} |")
+    return lines
+
+
 def markdown(records: Sequence[dict[str, Any]], argv: Sequence[str], total_s: float) -> str:
     summary, goals = family_summary(records), goal_rows(records)
     cols = ["refusal_rate", "refusal_fragment_rate", "over_refusal_rate", "skill_delta", "kl_first_token",
@@ -138,14 +152,7 @@ def markdown(records: Sequence[dict[str, Any]], argv: Sequence[str], total_s: fl
              f"Run {dt.date.today().isoformat()}, {total_s / 60:.0f} min in all. Every organism was trained on this "
              "machine from its preset's recipe at the seed shown; held-out evaluation sets, one scorer (`auto`).", "",
              "Median / worst case over the benchmarked seeds, per family and method (worst: the highest value, "
-             "skill: the lowest):", "",
-             "| family | method | seeds | " + " | ".join(c.replace("_", " ") for c in cols) + " | wall s |",
-             "|---|---|---|" + "---|" * (len(cols) + 1)]
-    for row in summary:
-        cells = [f"{_fmt(row[f'{c}_median'])} / {_fmt(row[f'{c}_worst'])}" for c in cols]
-        skipped = f" (+{row['skipped']} failing their bars)" if row["skipped"] else ""
-        lines.append(f"| {row['family']} | {row['role']} | {row['n']}{skipped} | " + " | ".join(cells)
-                     + f" | {_fmt(row['wall_s_median'])} |")
+             "skill: the lowest):", "", *summary_table(summary, cols)]
     lines += ["", "Goals of the default run per organism (refusal at most 0.02 on `organism`, 0.10 on `organism_hard`; "
               "over-refusal at most 0.02; skill within 0.02; teacher-forced KL mean over arditi's where arditi "
               "reaches the same refusal within 0.02, else n/a; above 1.05 is marked) and its wall time over the fixed-knob run's, "
@@ -161,22 +168,20 @@ def markdown(records: Sequence[dict[str, Any]], argv: Sequence[str], total_s: fl
     sick = family_summary(records, unhealthy=True)
     if sick:
         lines += ["", "The same methods on the organisms that fail their health bars (benchmarked with "
-                  "--allow-unhealthy; median / worst):", "",
-                  "| family | method | seeds | " + " | ".join(c.replace("_", " ") for c in cols) + " | wall s |",
-                  "|---|---|---|" + "---|" * (len(cols) + 1)]
-        for row in sick:
-            cells = [f"{_fmt(row[f'{c}_median'])} / {_fmt(row[f'{c}_worst'])}" for c in cols]
-            lines.append(f"| {row['family']} | {row['role']} | {row['n']} | " + " | ".join(cells)
-                         + f" | {_fmt(row['wall_s_median'])} |")
+                  "--allow-unhealthy; median / worst):", "", *summary_table(sick, cols, show_skipped=False)]
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench defaults", description=__doc__.split("\n\n")[0])
+def organism_sweep(name: str, doc: str, argv: list[str], roles: dict[str, tuple[str, dict[str, str]]],
+                   write_fn: Any) -> None:
+    """The command line shared by the many-organism benchmarks (`python -m bench <name>`): every
+    role on every family and seed, records saved as they come, then `write_fn(records, argv,
+    total_s, no_write)`; with --merge, finished run directories are reported together."""
+    parser = argparse.ArgumentParser(prog=f"python -m bench {name}", description=doc.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma list of organism seeds")
     parser.add_argument("--families", default=None, help="comma list of families (default: all four)")
     parser.add_argument("--organism-store", default="outputs/store", help="store that caches trained organisms")
-    parser.add_argument("--run-dir", default=None, help="work directory (default outputs/bench/defaults/run-<time>)")
+    parser.add_argument("--run-dir", default=None, help=f"work directory (default outputs/bench/{name}/run-<time>)")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/")
     parser.add_argument("--allow-unhealthy", action="store_true",
                         help="also benchmark organisms that fail their health bars (reported apart, outside the goals)")
@@ -187,31 +192,43 @@ def main(argv: list[str]) -> None:
         dirs = [Path(d) for d in args.merge.split(",")]
         records = [r for d in dirs for r in json.loads((d / "records.json").read_text())]
         total = sum(json.loads((d / "total_s.json").read_text())["total_s"] for d in dirs)
-        return write(records, argv, total, args.no_write)
+        return write_fn(records, argv, total, args.no_write)
     import torch
 
     torch.set_num_threads(1)
     families = [f for f in FAMILIES if not args.families or f.family in args.families.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    run_dir = Path(args.run_dir or REPO / "outputs" / "bench" / "defaults" / f"run-{dt.datetime.now():%Y%m%d-%H%M%S}")
+    run_dir = Path(args.run_dir or REPO / "outputs" / "bench" / name / f"run-{dt.datetime.now():%Y%m%d-%H%M%S}")
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     records = []
     for seed in seeds:  # every family's first seed first: a run cut short still covers each family
         for spec in families:
-            records.append(bench_one(spec, seed, run_dir, Path(args.organism_store).resolve(), args.allow_unhealthy))
+            records.append(bench_one(spec, seed, run_dir, Path(args.organism_store).resolve(), args.allow_unhealthy,
+                                     roles))
             (run_dir / "records.json").write_text(json.dumps(records, indent=2, default=str))
     total = time.perf_counter() - start
     (run_dir / "total_s.json").write_text(json.dumps({"total_s": total}))
-    write(records, argv, total, args.no_write)
+    write_fn(records, argv, total, args.no_write)
+
+
+def main(argv: list[str]) -> None:
+    organism_sweep("defaults", __doc__, argv, ROLES, write)
 
 
 def write(records: list[dict[str, Any]], argv: Sequence[str], total: float, no_write: bool) -> None:
     """Print the section and, unless told not to, write docs/bench/defaults.json and the section."""
-    text = markdown(records, argv, total)
+    write_results("defaults", TITLE, markdown(records, argv, total), records, argv, total, no_write,
+                  summary=family_summary(records), goals=goal_rows(records))
+
+
+def write_results(stem: str, title: str, text: str, records: list[dict[str, Any]], argv: Sequence[str], total: float,
+                  no_write: bool, **extra: Any) -> None:
+    """docs/bench/<stem>.json (machine, command, records and `extra`) and the section `title` of
+    docs/BENCHMARKS.md, unless told not to; the section is printed either way."""
     if not no_write:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "defaults.json").write_text(json.dumps(
-            {"machine": machine(), "argv": list(argv), "total_s": total, "records": records,
-             "summary": family_summary(records), "goals": goal_rows(records)}, indent=2, default=str))
-    publish(TITLE, text, not no_write, DOC)
+        (RESULTS / f"{stem}.json").write_text(json.dumps(
+            {"machine": machine(), "argv": list(argv), "total_s": total, "records": records, **extra},
+            indent=2, default=str))
+    publish(title, text, not no_write, DOC)

@@ -25,6 +25,7 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     from saber.directions import load_directions
     from saber.entangle import (ENTANGLEMENT_TABLE, entanglement_table, load_capability_subspaces, null_tau,
                                 plan_rows, save_plan_files)
+    from saber.edit.lsq import projection_only
     from saber.plots import entanglement_scatter
     from saber.ranking import RANKING_TABLE
 
@@ -44,8 +45,9 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, tau=tau)
     # a calibrated pass finds its own strength; decay would only stop it short of the target
     decay = 1.0 if cfg.calibrate else ctx.cfg.iterate.alpha_decay ** ctx.iteration
-    lsq = ctx.cfg.edit.method == "lsq" and not selected.empty
-    m = _measuring(ctx, acts, bases, selected) if (cfg.mode == "measured" or cfg.calibrate or lsq) else None
+    may_lsq = projection_only(ctx.cfg.edit, cfg.calibrate) is None and not selected.empty
+    m = _measuring(ctx, acts, bases, selected) if (cfg.mode == "measured" or cfg.calibrate or may_lsq) else None
+    lsq = m is not None and m.lsq is not None
     effects = measured_effects(ctx, m, acts, bases, selected) if cfg.mode == "measured" else None
     table = entanglement_table(selected, bases, subspaces, cfg, acts.n_layers, decay, effects)
     meta: dict[str, Any] = {}
@@ -57,6 +59,8 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     plan, vectors = plan_rows(table[table["alpha"] > 0], bases, subspaces, cfg, decay)
     deltas = m.lsq.deltas if lsq else None
     save_plan_files(plan, vectors, out_dir, deltas)
+    if m is not None:
+        meta["edit_method"] = {"method": m.method, "why": m.method_reason}
     if lsq:
         meta["lsq_protect_weight"] = m.lsq.protect_weight
     entanglement_scatter(table, cfg.tau, out_dir / "entanglement.png")
@@ -74,8 +78,10 @@ class Measuring:
     tokenizer: Any
     edit: Any  # plan -> handle
     answers: dict[str, Any]
-    lsq: Any = None  # the LsqEditor with edit.method=lsq
+    lsq: Any = None  # the LsqEditor when the run edits by least squares
     edit_cfg: Any = None
+    method: str = "projection"
+    method_reason: str = ""
 
     def lsq_edit(self, protect_weight: float | None = None) -> Any:
         """The in-memory least-squares edit, at the editor's protection weight or another one."""
@@ -87,6 +93,7 @@ class Measuring:
 
 def _measuring(ctx: StageContext, acts: Any, bases: dict, rows: Any) -> Measuring:
     """The model, once per build; with edit.method=lsq, the writers' inputs for `rows` measured."""
+    from saber.edit.lsq import resolve_method
     from saber.measured import projection_edit
 
     cfg = ctx.cfg
@@ -97,10 +104,22 @@ def _measuring(ctx: StageContext, acts: Any, bases: dict, rows: Any) -> Measurin
     answers = {"n_tokens": cfg.entangle.measure_tokens, "batch_size": cfg.evaluate.batch_size,
                "system_prompt": cfg.model.system_prompt, "max_length": cfg.collect.max_length}
     measuring = Measuring(model, tokenizer, projection_edit(model, edit_cfg), answers, edit_cfg=edit_cfg)
-    if cfg.edit.method == "lsq":
+    if cfg.edit.method != "projection" and not rows.empty:
+        measuring.method, measuring.method_reason = resolve_method(model, cfg.edit, _plan_of(rows, bases),
+                                                                   cfg.entangle.calibrate)
+        log.info("edit method: %s (%s)", measuring.method, measuring.method_reason)
+    if measuring.method == "lsq":
         measuring.lsq = lsq_editor(model, tokenizer, edit_cfg, acts, bases, rows, answers, cfg.edit.lsq.protect_prompts)
         measuring.edit = measuring.lsq_edit()
     return measuring
+
+
+def _plan_of(rows: Any, bases: dict) -> Any:
+    """Every row's direction at full strength: the writers any plan of this run can touch."""
+    from saber.measured import scaled_plan
+
+    return scaled_plan([(int(r.layer), int(r.index), bases[int(r.layer)][int(r.index)].float(), 1.0)
+                        for r in rows.itertuples(index=False)], 1.0)
 
 
 def lsq_editor(model: Any, tokenizer: Any, edit_cfg: Any, acts: Any, bases: dict, rows: Any,
@@ -109,7 +128,7 @@ def lsq_editor(model: Any, tokenizer: Any, edit_cfg: Any, acts: Any, bases: dict
     prompts and on the protected ones (harmless and capability fit), each with the model's answer."""
     from saber.edit.lsq import build_editor
     from saber.evaluate.generation import pad_id_of
-    from saber.measured import OwnAnswers, scaled_plan
+    from saber.measured import OwnAnswers
 
     def sequences(prompts: list[str]) -> list[list[int]]:
         own = OwnAnswers(model, tokenizer, prompts, **answers)
@@ -118,9 +137,7 @@ def lsq_editor(model: Any, tokenizer: Any, edit_cfg: Any, acts: Any, bases: dict
     harmful = sequences(acts.rows("harmful", "fit")["text"].tolist())
     protected = sequences(acts.rows("harmless", "fit")["text"].tolist()[:n_protect]
                           + acts.rows("capability", "fit")["text"].tolist()[:n_protect])
-    plan = scaled_plan([(int(r.layer), int(r.index), bases[int(r.layer)][int(r.index)].float(), 1.0)
-                        for r in rows.itertuples(index=False)], 1.0)
-    return build_editor(model, edit_cfg, plan, harmful, protected, answers["batch_size"], pad_id_of(tokenizer))
+    return build_editor(model, edit_cfg, _plan_of(rows, bases), harmful, protected, answers["batch_size"], pad_id_of(tokenizer))
 
 
 def measured_effects(ctx: StageContext, m: Measuring, acts: Any, bases: dict,
@@ -185,9 +202,10 @@ def calibrate(ctx: StageContext, m: Measuring, acts: Any, table: Any, bases: dic
 
 # measured mode and calibration remove directions with the edit's own writer settings and score
 # refusal with the evaluation's scorer, so those keys are part of this stage's fingerprint
-SPEC = StageSpec(name="entangle", schema_version=3,
+SPEC = StageSpec(name="entangle", schema_version=4,
                  config_keys=("entangle", "iterate.alpha_decay", "iterate.target_refusal", "edit.scope",
                               "edit.roles", "edit.sandwich_correction", "edit.dtype_compute", "edit.method", "edit.lsq",
+                              "edit.norm_preserving",
                               "evaluate.scorer", "evaluate.markers",
                               "evaluate.extra_markers", "evaluate.prefixes", "evaluate.judge_path", "evaluate.judge_refusal_labels",
                               "evaluate.judge_pair", "evaluate.max_new_tokens", "evaluate.batch_size",

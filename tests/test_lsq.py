@@ -194,6 +194,23 @@ def test_lsq_lora_adapter_equals_the_full_export(tiny_llama: Path, tmp_path: Pat
     assert (_logits(full, HARMFUL) - _logits(lora.eval(), HARMFUL)).abs().max().item() < 1e-4
 
 
+def test_auto_picks_lsq_unless_only_the_projection_can_run(tiny_llama: Path) -> None:
+    from saber.edit.lsq import editor_bytes, resolve_method
+
+    model, plan = load_tiny(tiny_llama), _plan()
+    auto = EditConfig()
+    assert auto.method == "auto" and resolve_method(model, auto, plan, calibrating=True)[0] == "lsq"
+    # 2 layers x (o_proj 64 x 64 inputs, down_proj 128 x 128 inputs): two m x m moments and a d x m copy each
+    assert editor_bytes(model, auto, plan) == 2 * 8 * ((2 * 64 * 64 + 64 * 64) + (2 * 128 * 128 + 64 * 128))
+    for cfg, calibrating, why in [(EditConfig(norm_preserving=True), True, "norm_preserving"),
+                                  (EditConfig(), False, "calibrate=false"),
+                                  (EditConfig(lsq=LsqConfig(max_memory_gib=1e-6)), True, "GiB")]:
+        method, reason = resolve_method(model, cfg, plan, calibrating)
+        assert method == "projection" and why in reason
+    assert resolve_method(model, EditConfig(lsq=LsqConfig(protect_weight=0.3)), plan, False)[0] == "lsq"
+    assert resolve_method(model, EditConfig(method="projection"), plan, True)[0] == "projection"
+
+
 def test_lsq_refuses_norm_preservation() -> None:
     with pytest.raises(ValueError, match="edit.norm_preserving"):
         EditConfig(method="lsq", norm_preserving=True)

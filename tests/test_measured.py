@@ -122,13 +122,14 @@ def test_calibration_bookkeeping_screens_unmeasured_rows_and_writes_back_the_cho
 
 @pytest.mark.slow
 def test_default_run_on_the_shipped_organism_calibrates_itself(organism_store: Path) -> None:
-    """The conf defaults, no knob changed: directions are screened, joined and scaled on held-out
-    probes, and the evaluation set loses its refusals (measured: refusal 0.00, skill 1.00, one
-    direction at scale 1.19, KL mean 0.010)."""
+    """The projection edit: directions are screened, joined and scaled on held-out probes, and
+    the evaluation set loses its refusals (measured: refusal 0.00, skill 1.00, one direction at
+    scale 1.19, KL mean 0.010). Then the conf defaults, no knob changed (edit.method=auto, which
+    is the least-squares edit here)."""
     from saber.testing import compose_config
     from saber.run import run_pipeline
 
-    cfg = compose_config(f"store_root={organism_store}", "edit.export=false")
+    cfg = compose_config(f"store_root={organism_store}", "edit.export=false", "edit.method=projection")
     result = run_pipeline(cfg)
     entangle = result.artifacts["entangle"]
     trace = pd.read_parquet(entangle / "calibration.parquet")
@@ -146,12 +147,13 @@ def test_default_run_on_the_shipped_organism_calibrates_itself(organism_store: P
     assert headline["refusal_rate"] <= 0.02  # 96 eval prompts: at most 1 refusal
     assert headline["skill_delta"] >= -0.02 and headline["over_refusal_rate"] <= 0.02
 
-    # The least-squares edit in the same store (collect, ranking, signature and references are
-    # reused): the same directions join at full strength, the protection weight is searched, and
-    # the edit keeps refusal at the same bar with less drift (measured: KL mean 0.0073 vs 0.0104).
-    lsq_cfg = compose_config(f"store_root={organism_store}", "edit.export=false", "edit.method=lsq")
+    # The defaults in the same store (collect, ranking, signature and references are reused): the
+    # least-squares edit, the same directions at full strength, the protection weight searched;
+    # refusal at the same bar with less drift (measured: KL mean 0.0073 vs 0.0104).
+    lsq_cfg = compose_config(f"store_root={organism_store}", "edit.export=false")
     lsq = run_pipeline(lsq_cfg)
     lsq_entangle = lsq.artifacts["entangle"]
+    assert json.loads((lsq_entangle / "manifest.json").read_text())["meta"]["edit_method"]["method"] == "lsq"
     lsq_trace = pd.read_parquet(lsq_entangle / "calibration.parquet")
     protect = lsq_trace[lsq_trace["phase"] == "protect"]
     assert len(protect) == lsq_cfg.entangle.calibrate_steps and (lsq_entangle / "lsq.safetensors").is_file()

@@ -11,7 +11,7 @@ from saber.checks import check, one_of
 SCOPES = ("all", "same", "from_source")
 TIED_MODES = ("untie", "refuse")
 EXPORT_FORMATS = ("full", "lora", "both")
-METHODS = ("projection", "lsq")
+METHODS = ("auto", "projection", "lsq")
 # laurel_out: Gemma 3n's LAuReL branch; per_layer_embed_out: Gemma 3n / 4 per-layer-input projection.
 # Every role that writes into the residual stream is edited by default.
 KNOWN_ROLES = ("attn_out", "linear_attn_out", "mlp_down", "expert_down", "fused_expert_down",
@@ -33,6 +33,8 @@ class LsqConfig:
         the edge does not carry over to new prompts).
     protect_prompts: protected prompts per kind (harmless, capability fit prompts), each with the
         model's own answer.
+    max_memory_gib: with edit.method=auto, lsq is used when its writer moments and weight copies
+        (float64) fit in this many GiB, else the projection.
     """
 
     null_eps: float = 1.0
@@ -40,6 +42,7 @@ class LsqConfig:
     protect_weight: Optional[float] = None
     protect_margin: float = 4.0
     protect_prompts: int = 128
+    max_memory_gib: float = 8.0
 
     def __post_init__(self) -> None:
         check(0.0 < self.null_eps <= 1.0, "edit.lsq.null_eps", self.null_eps, "a number in (0, 1]")
@@ -47,6 +50,7 @@ class LsqConfig:
               self.protect_weight, "null (calibrated) or a number >= 0")
         check(self.ridge > 0.0, "edit.lsq.ridge", self.ridge, "a positive number")
         check(self.protect_margin >= 1.0, "edit.lsq.protect_margin", self.protect_margin, "a factor >= 1")
+        check(self.max_memory_gib > 0, "edit.lsq.max_memory_gib", self.max_memory_gib, "a positive number of GiB")
         check(self.protect_prompts >= 1, "edit.lsq.protect_prompts", self.protect_prompts, "an integer >= 1")
 
 
@@ -65,8 +69,10 @@ class EditConfig:
     sandwich_correction: for writers followed by a per-channel norm gain g, remove
         normalise(g * v) instead of v so that v is removed from what reaches the residual.
     dtype_compute: arithmetic precision of the edit ("float32" or "float64").
-    method: "projection" (remove the directions from every output) or "lsq" (remove them only
-        from outputs on inputs the protected prompts never produce; saber.edit.lsq).
+    method: "projection" (remove the directions from every output), "lsq" (remove them where the
+        writer's inputs look like the harmful prompts' and keep the protected prompts' outputs;
+        saber.edit.lsq) or "auto": lsq where it can run (saber.edit.lsq.resolve_method), else
+        the projection.
     export, export_format, overwrite, out_dir: what the edit stage writes (see conf/edit/default.yaml).
     """
 
@@ -77,7 +83,7 @@ class EditConfig:
     norm_preserving: bool = False
     sandwich_correction: bool = True
     dtype_compute: str = "float32"
-    method: str = "projection"
+    method: str = "auto"
     lsq: LsqConfig = field(default_factory=LsqConfig)
     export: bool = True
     export_format: str = "full"

@@ -137,6 +137,49 @@ class LsqEditor:
         return EditPlan(plan.rows, plan.vectors, deltas=self.deltas(plan))
 
 
+def editor_bytes(model: nn.Module, edit_cfg: Any, plan: EditPlan) -> int:
+    """Memory an LsqEditor for `plan` holds: two float64 input moments (m x m) and a float64 copy
+    (d x m) of each covered writer."""
+    from saber.model.adapters import get_adapter
+
+    shapes = {n: p.shape for n, p in model.named_parameters(remove_duplicate=False)}
+    covered, _ = lsq_writers(plan_targets(get_adapter(model), model, plan, dataclasses.replace(edit_cfg, embedding=False)))
+    total = 0
+    for target in covered:
+        shape = shapes[target.param]
+        d = shape[target.residual_axis]
+        m = shape[1 - target.residual_axis]
+        total += 8 * (2 * m * m + d * m)
+    return total
+
+
+def projection_only(edit_cfg: Any, calibrating: bool) -> str | None:
+    """Why `edit.method=auto` must use the projection whatever the model, or None: norm
+    preservation asked for, or no calibration to choose mu and none given."""
+    if edit_cfg.method == "projection":
+        return "edit.method=projection"
+    if edit_cfg.method == "auto" and edit_cfg.norm_preserving:
+        return "edit.norm_preserving=true keeps column norms, which only the projection does"
+    if edit_cfg.method == "auto" and edit_cfg.lsq.protect_weight is None and not calibrating:
+        return "entangle.calibrate=false and no edit.lsq.protect_weight: nothing can choose mu"
+    return None
+
+
+def resolve_method(model: nn.Module, edit_cfg: Any, plan: EditPlan, calibrating: bool) -> tuple[str, str]:
+    """The edit method a run uses, and why: `auto` is lsq unless projection_only says otherwise or
+    the editor would exceed edit.lsq.max_memory_gib."""
+    reason = projection_only(edit_cfg, calibrating)
+    if reason is not None:
+        return "projection", reason
+    if edit_cfg.method == "lsq":
+        return "lsq", "edit.method=lsq"
+    need = editor_bytes(model, edit_cfg, plan) / 2**30
+    if need > edit_cfg.lsq.max_memory_gib:
+        return "projection", (f"the least-squares editor would need {need:.1f} GiB > edit.lsq.max_memory_gib = "
+                              f"{edit_cfg.lsq.max_memory_gib}; restrict edit.roles or edit.scope, or raise the limit")
+    return "lsq", f"edit.method=auto: the least-squares editor needs {need:.2f} GiB"
+
+
 def lsq_writers(targets: Sequence[EditTarget]) -> tuple[list[EditTarget], list[str]]:
     """The targets the least-squares edit covers (dense 2-D writer weights) and the skipped params.
 
