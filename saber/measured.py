@@ -310,3 +310,65 @@ def search_scale(evaluate: Any, start: ScalePoint, accept: Any, steps: int,
             if smallest or not found or point.scale > best.scale:
                 best, found = point, True
     return best, trace
+
+
+@dataclass
+class Measuring:
+    """The model a pass probes, its tokenizer, the in-memory edit every measurement applies
+    (projection, or the least-squares edit with its input maps), and the arguments of OwnAnswers."""
+
+    model: Any
+    tokenizer: Any
+    edit: Callable[[EditPlan], Any]
+    answers: dict[str, Any]
+    edit_cfg: Any
+    lsq: Any = None  # the LsqEditor when the run edits by least squares
+    method: str = "projection"
+    method_reason: str = "edit.method=projection"
+
+    def lsq_edit(self, protect_weight: Optional[float] = None) -> Callable[[EditPlan], Any]:
+        """The in-memory least-squares edit, at the editor's protection weight or another one."""
+        editor = self.lsq if protect_weight is None else self.lsq.with_protection(protect_weight)
+        return lambda plan: apply_plan(self.model, editor.with_deltas(plan), self.edit_cfg)
+
+
+def full_strength_plan(rows: pd.DataFrame, bases: Mapping[int, torch.Tensor]) -> EditPlan:
+    """Every (layer, index) row's direction at alpha 1: the writers any plan of this pass can touch."""
+    return scaled_plan([(int(r.layer), int(r.index), bases[int(r.layer)][int(r.index)].float(), 1.0)
+                        for r in rows.itertuples(index=False)], 1.0)
+
+
+def prepare_measuring(model: Any, tokenizer: Any, cfg: Any, acts: Any, bases: Mapping[int, torch.Tensor],
+                      rows: pd.DataFrame) -> Measuring:
+    """Measurement settings for a pass over `rows` (the selected directions), and the edit method
+    it uses (saber.edit.lsq.resolve_method); with lsq, the writers' inputs are measured here."""
+    from saber.edit.lsq import resolve_method
+
+    # every writer setting of the edit, but the measurement never edits the embedding
+    edit_cfg = dataclasses.replace(cfg.edit, tied_embeddings="untie", embedding=False, norm_preserving=False)
+    answers = {"n_tokens": cfg.entangle.measure_tokens, "batch_size": cfg.evaluate.batch_size,
+               "system_prompt": cfg.model.system_prompt, "max_length": cfg.collect.max_length}
+    m = Measuring(model, tokenizer, projection_edit(model, edit_cfg), answers, edit_cfg)
+    if cfg.edit.method != "projection" and not rows.empty:
+        m.method, m.method_reason = resolve_method(model, cfg.edit, full_strength_plan(rows, bases),
+                                                   cfg.entangle.calibrate)
+    if m.method == "lsq":
+        m.lsq = lsq_editor(m, acts, full_strength_plan(rows, bases), cfg.edit.lsq.protect_prompts)
+        m.edit = m.lsq_edit()
+    return m
+
+
+def lsq_editor(m: Measuring, acts: Any, plan: EditPlan, n_protect: int) -> Any:
+    """The least-squares editor of every writer `plan` touches: its inputs on the harmful fit
+    prompts and on the protected ones (harmless and capability fit), each with the model's answer."""
+    from saber.edit.lsq import build_editor
+    from saber.evaluate.generation import pad_id_of
+
+    def sequences(prompts: list[str]) -> list[list[int]]:
+        own = OwnAnswers(m.model, m.tokenizer, prompts, **m.answers)
+        return [list(p) + list(a) for p, a in zip(own.ids, own.answers)]
+
+    harmful = sequences(acts.rows("harmful", "fit")["text"].tolist())
+    protected = sequences(acts.rows("harmless", "fit")["text"].tolist()[:n_protect]
+                          + acts.rows("capability", "fit")["text"].tolist()[:n_protect])
+    return build_editor(m.model, m.edit_cfg, plan, harmful, protected, m.answers["batch_size"], pad_id_of(m.tokenizer))

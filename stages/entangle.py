@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +59,7 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     deltas = m.lsq.deltas if lsq else None
     save_plan_files(plan, vectors, out_dir, deltas)
     if m is not None:
+        log.info("edit method: %s (%s)", m.method, m.method_reason)
         meta["edit_method"] = {"method": m.method, "why": m.method_reason}
     if lsq:
         meta["lsq_protect_weight"] = m.lsq.protect_weight
@@ -68,79 +68,17 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
             "entangled": int((table["class"] == "entangled").sum()), **meta}
 
 
-@dataclass
-class Measuring:
-    """The model this iteration probes (earlier plans applied), its tokenizer, the in-memory edit
-    every measurement applies (projection, or the least-squares edit with its input maps), and
-    the arguments of OwnAnswers."""
+def _measuring(ctx: StageContext, acts: Any, bases: dict, rows: Any) -> Any:
+    """The model this iteration probes (earlier plans applied), once per build, ready to measure
+    (saber.measured.prepare_measuring)."""
+    from saber.measured import prepare_measuring
 
-    model: Any
-    tokenizer: Any
-    edit: Any  # plan -> handle
-    answers: dict[str, Any]
-    lsq: Any = None  # the LsqEditor when the run edits by least squares
-    edit_cfg: Any = None
-    method: str = "projection"
-    method_reason: str = ""
-
-    def lsq_edit(self, protect_weight: float | None = None) -> Any:
-        """The in-memory least-squares edit, at the editor's protection weight or another one."""
-        from saber.edit import apply_plan
-
-        editor = self.lsq if protect_weight is None else self.lsq.with_protection(protect_weight)
-        return lambda plan: apply_plan(self.model, editor.with_deltas(plan), self.edit_cfg)
-
-
-def _measuring(ctx: StageContext, acts: Any, bases: dict, rows: Any) -> Measuring:
-    """The model, once per build; with edit.method=lsq, the writers' inputs for `rows` measured."""
-    from saber.edit.lsq import resolve_method
-    from saber.measured import projection_edit
-
-    cfg = ctx.cfg
     earlier = [ctx.pipeline.ensure("entangle", j) for j in range(ctx.iteration)]  # what collect[i] probed
     model, tokenizer = ctx.pipeline.load_model(earlier)
-    # every writer setting of the edit, but the measurement never edits the embedding
-    edit_cfg = dataclasses.replace(cfg.edit, tied_embeddings="untie", embedding=False, norm_preserving=False)
-    answers = {"n_tokens": cfg.entangle.measure_tokens, "batch_size": cfg.evaluate.batch_size,
-               "system_prompt": cfg.model.system_prompt, "max_length": cfg.collect.max_length}
-    measuring = Measuring(model, tokenizer, projection_edit(model, edit_cfg), answers, edit_cfg=edit_cfg)
-    if cfg.edit.method != "projection" and not rows.empty:
-        measuring.method, measuring.method_reason = resolve_method(model, cfg.edit, _plan_of(rows, bases),
-                                                                   cfg.entangle.calibrate)
-        log.info("edit method: %s (%s)", measuring.method, measuring.method_reason)
-    if measuring.method == "lsq":
-        measuring.lsq = lsq_editor(model, tokenizer, edit_cfg, acts, bases, rows, answers, cfg.edit.lsq.protect_prompts)
-        measuring.edit = measuring.lsq_edit()
-    return measuring
+    return prepare_measuring(model, tokenizer, ctx.cfg, acts, bases, rows)
 
 
-def _plan_of(rows: Any, bases: dict) -> Any:
-    """Every row's direction at full strength: the writers any plan of this run can touch."""
-    from saber.measured import scaled_plan
-
-    return scaled_plan([(int(r.layer), int(r.index), bases[int(r.layer)][int(r.index)].float(), 1.0)
-                        for r in rows.itertuples(index=False)], 1.0)
-
-
-def lsq_editor(model: Any, tokenizer: Any, edit_cfg: Any, acts: Any, bases: dict, rows: Any,
-               answers: dict[str, Any], n_protect: int) -> Any:
-    """The least-squares editor of every writer `rows` touches: its inputs on the harmful fit
-    prompts and on the protected ones (harmless and capability fit), each with the model's answer."""
-    from saber.edit.lsq import build_editor
-    from saber.evaluate.generation import pad_id_of
-    from saber.measured import OwnAnswers
-
-    def sequences(prompts: list[str]) -> list[list[int]]:
-        own = OwnAnswers(model, tokenizer, prompts, **answers)
-        return [list(p) + list(a) for p, a in zip(own.ids, own.answers)]
-
-    harmful = sequences(acts.rows("harmful", "fit")["text"].tolist())
-    protected = sequences(acts.rows("harmless", "fit")["text"].tolist()[:n_protect]
-                          + acts.rows("capability", "fit")["text"].tolist()[:n_protect])
-    return build_editor(model, edit_cfg, _plan_of(rows, bases), harmful, protected, answers["batch_size"], pad_id_of(tokenizer))
-
-
-def measured_effects(ctx: StageContext, m: Measuring, acts: Any, bases: dict,
+def measured_effects(ctx: StageContext, m: Any, acts: Any, bases: dict,
                      selected: Any) -> dict[tuple[int, int], tuple[float, float]]:
     """Benefit and cost of each selected direction, ablated alone (saber.measured), on fit prompts."""
     from saber.measured import OwnAnswers, measure_effects
@@ -159,7 +97,7 @@ def measured_effects(ctx: StageContext, m: Measuring, acts: Any, bases: dict,
     return {(e.layer, e.index): (e.benefit, e.cost) for e in effects}
 
 
-def calibrate(ctx: StageContext, m: Measuring, acts: Any, table: Any, bases: dict) -> tuple[Any, Any, list]:
+def calibrate(ctx: StageContext, m: Any, acts: Any, table: Any, bases: dict) -> tuple[Any, Any, list]:
     """How many directions and what strength (saber.measured.calibrate_table) on the held-out probe
     split: refusal of the harmful probes with the evaluation's own scorer, drift on the harmless
     ones. Evaluation sets are never read."""
@@ -180,9 +118,9 @@ def calibrate(ctx: StageContext, m: Measuring, acts: Any, table: Any, bases: dic
         own = OwnAnswers(model, tokenizer, harmful, **kw)
         # labelled from whole answers, as evaluate does: a refusal phrase may come after the opening
         refused = scorer.score(harmful, generate_responses(model, tokenizer, harmful, settings)[1])
-        score = lambda m: opening_kept_rate(m, tokenizer, own, refused)  # noqa: E731
+        score = lambda edited: opening_kept_rate(edited, tokenizer, own, refused)  # noqa: E731
     else:
-        score = lambda m: refusal_rate(m, tokenizer, harmful, settings, scorer)  # noqa: E731
+        score = lambda edited: refusal_rate(edited, tokenizer, harmful, settings, scorer)  # noqa: E731
     search_mu = m.lsq is not None and cfg.edit.lsq.protect_weight is None
     table, chosen, trace = calibrate_table(model, table, bases, m.edit, score, drift, cfg.iterate.target_refusal,
                                            cfg.entangle.calibrate_steps, cfg.entangle.max_drift,

@@ -55,9 +55,11 @@ def test_full_run_rerun_and_edit_knob(organism_store: Path, monkeypatch: pytest.
     assert published(organism_store) == before
     assert again.artifacts == first.artifacts
 
-    # An edit knob reruns edit and evaluate only; an export directory gets the evaluation card.
+    # An edit knob that no analysis stage reads (the export format) reruns edit and evaluate only;
+    # an export directory gets the evaluation card. (edit.norm_preserving would rerun entangle:
+    # with edit.method=auto it decides between the least-squares edit and the projection.)
     out = organism_store.parent / "edited-model"
-    changed = run_pipeline(compose_config(f"store_root={organism_store}", "edit.norm_preserving=true",
+    changed = run_pipeline(compose_config(f"store_root={organism_store}", "edit.export_format=both",
                                           f"edit.out_dir={out}"))
     after = published(organism_store)
     for stage in ("collect", "extract", "rank", "entangle"):
