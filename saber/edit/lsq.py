@@ -56,7 +56,8 @@ def input_map(k_target: torch.Tensor, k_protected: torch.Tensor, null_eps: float
     """
     k_h, k_p = k_target.to(torch.float64), k_protected.to(torch.float64)
     m = k_h.shape[0]
-    null = null_basis(k_p, null_eps)
+    # null_eps = 1 keeps every direction: N = I, and no eigendecomposition is needed
+    null = torch.eye(m, dtype=torch.float64) if null_eps >= 1.0 else null_basis(k_p, null_eps)
     scale = float(torch.trace(k_h)) / m
     if null.shape[1] == 0 or scale <= 0:
         return torch.zeros(m, m, dtype=torch.float64)
