@@ -349,11 +349,11 @@ def prepare_measuring(model: Any, tokenizer: Any, cfg: Any, acts: Any, bases: Ma
     answers = {"n_tokens": cfg.entangle.measure_tokens, "batch_size": cfg.evaluate.batch_size,
                "system_prompt": cfg.model.system_prompt, "max_length": cfg.collect.max_length}
     m = Measuring(model, tokenizer, projection_edit(model, edit_cfg), answers, edit_cfg)
+    plan = full_strength_plan(rows, bases)
     if cfg.edit.method != "projection" and not rows.empty:
-        m.method, m.method_reason = resolve_method(model, cfg.edit, full_strength_plan(rows, bases),
-                                                   cfg.entangle.calibrate)
+        m.method, m.method_reason = resolve_method(model, cfg.edit, plan, cfg.entangle.calibrate)
     if m.method == "lsq":
-        m.lsq = lsq_editor(m, acts, full_strength_plan(rows, bases), cfg.edit.lsq.protect_prompts)
+        m.lsq = lsq_editor(m, acts, plan, cfg.edit.lsq.protect_prompts)
         m.edit = m.lsq_edit()
     return m
 

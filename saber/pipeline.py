@@ -33,14 +33,13 @@ class StageSpec:
     name: str
     schema_version: int
     config_keys: tuple[str, ...]
-    upstream: tuple[str, ...] | Callable[[SaberConfig], tuple[str, ...]]  # or a function of the config
+    # stages read, or a function of the config giving them; "name@k" reads that stage at iteration k
+    upstream: tuple[str, ...] | Callable[[SaberConfig], tuple[str, ...]]
     build: Callable[["StageContext", Path], Optional[Mapping[str, Any]]]
     reads_plans: bool = False
     base_model_only: bool = False  # computed once per run on the unedited model: always read at iteration 0
     part_of: Optional[str] = None  # an auxiliary stage built for this stage, and forced with it
     exclude_keys: tuple[str, ...] = ()  # dotted keys inside config_keys that do not change the artifact
-
-    # An upstream entry "name@k" reads that stage at iteration k, whatever the iteration being built.
 
 
 class MissingUpstreamError(RuntimeError):

@@ -18,14 +18,11 @@ from stages.signature import signature_upstream
 
 
 def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
-    import pandas as pd
-
-    from saber.collect import PROMPTS_FILE
     from saber.evaluate import refusal_rate
+    from saber.evaluate.sets import heldout_eval_sets
     from saber.evaluate.settings import run_settings
 
-    prompts = pd.read_parquet(ctx.upstream["collect"].path / PROMPTS_FILE)
-    texts = prompts[(prompts["kind"] == "harmful") & (prompts["split"] == "heldout")]["text"].tolist()
+    texts = heldout_eval_sets(ctx.upstream["collect"].path).harmful
     scorer = ctx.pipeline.refusal_scorer()
     model, tokenizer = ctx.load_model()
     rate = float(refusal_rate(model, tokenizer, texts, run_settings(ctx.cfg), scorer))

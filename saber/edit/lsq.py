@@ -92,7 +92,6 @@ class LsqEditor:
     weights (residual-first, float64), read when the editor was built.
     """
 
-    adapter: Any
     edit_cfg: Any
     moments: dict[str, tuple[torch.Tensor, torch.Tensor]]  # param -> (K_h, K_p)
     weights: dict[str, torch.Tensor]
@@ -187,7 +186,7 @@ def lsq_writers(targets: Sequence[EditTarget]) -> tuple[list[EditTarget], list[s
     A bias adds the same vector to every output, so it cannot tell harmful inputs from protected
     ones; stacked experts and the embedding have no single input stream. Those are left unedited.
     """
-    covered = [t for t in targets if t.role not in ("embedding",) and not t.stacked and t.param.endswith("weight")]
+    covered = [t for t in targets if t.role != "embedding" and not t.stacked and t.param.endswith("weight")]
     names = {t.param for t in covered}
     return covered, sorted({t.param for t in targets} - names)
 
@@ -256,7 +255,7 @@ def build_editor(model: nn.Module, edit_cfg: Any, plan: EditPlan, harmful: Seque
     gains = {t.param: (None if (g := norm_gain(t.norms, lambda name: table[name].detach(), torch.float64)) is None
                        else g.cpu()) for t in covered}
     mu = protect_weight if protect_weight is not None else edit_cfg.lsq.protect_weight
-    editor = LsqEditor(adapter, edit_cfg, {p: (k_h[p], k_p[p]) for p in params}, weights, gains,
+    editor = LsqEditor(edit_cfg, {p: (k_h[p], k_p[p]) for p in params}, weights, gains,
                        lambda p: plan_targets(adapter, model, p, edit_cfg), PROTECT_RANGE[0] if mu is None else mu)
     if edit_cfg.lsq.null_eps < 1.0:
         log.info("lsq: null space of the protected inputs per writer (of the input dimension): %s",
