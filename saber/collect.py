@@ -2,7 +2,10 @@
 
 `collect_activations` renders prompts with the chat template, sorts them by length (less
 padding), runs batched full forward passes with `capture_last_positions` hooks and returns, per
-prompt kind, float32 [L, n, P, d] in the caller's prompt order. Layout on disk (see
+prompt kind, float32 [L, n, P + R, d] in the caller's prompt order: the last P prompt positions,
+then, with `response_positions` R > 0, the first R positions of the model's own greedy answer
+(teacher-forced: the answer is generated first, then read in the same pass as the prompt), where
+a refusal and a helpful answer part ways. Only those positions are kept. Layout on disk (see
 docs/ARCHITECTURE.md, "Activations layout"): `prompts.parquet` with one row per prompt and
 `activations.safetensors` with key `layer{l}.{kind}` -> float32 [n_kind, P, d], rows in the
 order of that kind's rows in `prompts.parquet`.
@@ -76,6 +79,7 @@ def collect_with_stats(
     prompts: Mapping[str, Sequence[str]],
     *,
     positions: int = 1,
+    response_positions: int = 0,
     batch_size: int = 0,
     max_batch_size: int = 64,
     max_length: int = 256,
@@ -87,8 +91,9 @@ def collect_with_stats(
     batch_size 0 picks it automatically: on CUDA start at max_batch_size and halve on
     out-of-memory (the failed batch is retried); on the CPU use min(max_batch_size, 32).
     """
-    if positions < 1:
-        raise ValueError(f"collect.positions = {positions}: expected an integer >= 1")
+    if positions < 1 or response_positions < 0:
+        raise ValueError(f"collect.positions = {positions}, collect.response_positions = {response_positions}: "
+                         "expected an integer >= 1 and one >= 0")
     if batch_size < 0 or max_batch_size < 1:
         raise ValueError(f"collect.batch_size = {batch_size}, collect.max_batch_size = "
                          f"{max_batch_size}: expected batch_size >= 0 and max_batch_size >= 1")
@@ -113,14 +118,20 @@ def collect_with_stats(
         if len(row) < positions:
             raise ValueError(f"prompt {i} of kind {kind!r} has {len(row)} tokens, fewer than "
                              f"collect.positions={positions}; lower collect.positions")
-    order = sorted(range(len(ids)), key=lambda j: len(ids[j]), reverse=True)
-
+    n_prompt_tokens = [len(row) for row in ids]
     device = input_device(model)
     size = _initial_batch_size(device, batch_size, max_batch_size)
     pad_id = tokenizer.pad_token_id
-    out: dict[str, torch.Tensor] = {}
     started = time.perf_counter()
-    with torch.inference_mode(), capture_last_positions(model, positions, stop_after_last=True) as cap:
+    if response_positions:
+        from saber.evaluate.generation import greedy_generate
+
+        answers = greedy_generate(model, tokenizer, ids, response_positions, size, exact=True)
+        ids = [row + answer for row, answer in zip(ids, answers)]
+    captured = positions + response_positions
+    order = sorted(range(len(ids)), key=lambda j: len(ids[j]), reverse=True)
+    out: dict[str, torch.Tensor] = {}
+    with torch.inference_mode(), capture_last_positions(model, captured, stop_after_last=True) as cap:
         bar = tqdm(total=len(order), desc="collect", unit="prompt", disable=not progress)
         start = 0
         while start < len(order):
@@ -141,7 +152,7 @@ def collect_with_stats(
             layers = cap.take()
             if not out:
                 n_layers, d = len(layers), layers[0].shape[-1]
-                out = {k: torch.empty(n_layers, len(prompts[k]), positions, d) for k in kinds}
+                out = {k: torch.empty(n_layers, len(prompts[k]), captured, d) for k in kinds}
             stacked = torch.stack(layers)  # [L, B, P, d]
             for kind in kinds:
                 pairs = [(row, owners[j][1]) for row, j in enumerate(chunk) if owners[j][0] == kind]
@@ -153,8 +164,8 @@ def collect_with_stats(
         bar.close()
     seconds = time.perf_counter() - started
     n_tokens: dict[str, list[int]] = {k: [] for k in kinds}
-    for (kind, _), row in zip(owners, ids):
-        n_tokens[kind].append(len(row))
+    for (kind, _), n in zip(owners, n_prompt_tokens):
+        n_tokens[kind].append(n)
     total = sum(len(row) for row in ids)
     result = CollectResult(out, n_tokens, size, seconds, truncated, total)
     log.info("collected %d prompts x %d layers in %.1f s (%.0f tokens/s, batch size %d)",
@@ -168,16 +179,19 @@ def collect_activations(
     prompts: Mapping[str, Sequence[str]],
     *,
     positions: int = 1,
+    response_positions: int = 0,
     batch_size: int = 0,
     max_batch_size: int = 64,
     max_length: int = 256,
     system_prompt: str | None = None,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Per kind, float32 [L, n, P, d]: residual stream after each decoder layer at the last P
-    prompt positions (P = `positions`; index -1 is the last token of the generation prompt)."""
+    """Per kind, float32 [L, n, P + R, d]: residual stream after each decoder layer at the last P
+    prompt positions (P = `positions`; index P - 1 is the last token of the generation prompt),
+    then at the first R = `response_positions` positions of the model's greedy answer."""
     return collect_with_stats(
-        model, tokenizer, prompts, positions=positions, batch_size=batch_size,
+        model, tokenizer, prompts, positions=positions, response_positions=response_positions,
+        batch_size=batch_size,
         max_batch_size=max_batch_size, max_length=max_length, system_prompt=system_prompt,
         progress=progress,
     ).activations
@@ -221,11 +235,12 @@ def check_finite(activations: Mapping[str, torch.Tensor], model: torch.nn.Module
 
 
 def save_activations(out_dir: Path | str, activations: Mapping[str, torch.Tensor],
-                     prompts: pd.DataFrame) -> None:
+                     prompts: pd.DataFrame, response_positions: int = 0) -> None:
     """Write `prompts.parquet` and `activations.safetensors` into `out_dir`.
 
-    `prompts` has columns id, kind, split, text, n_tokens; `activations[kind]` is [L, n, P, d]
-    with its rows in the order of that kind's rows in `prompts`.
+    `prompts` has columns id, kind, split, text, n_tokens; `activations[kind]` is [L, n, P + R, d]
+    with its rows in the order of that kind's rows in `prompts`; the last R = `response_positions`
+    of the position axis are answer positions.
     """
     out_dir = Path(out_dir)
     missing = [c for c in PROMPT_COLUMNS if c not in prompts.columns]
@@ -246,10 +261,13 @@ def save_activations(out_dir: Path | str, activations: Mapping[str, torch.Tensor
     if extra:
         raise ValueError(f"prompts has kind(s) {extra} without activations")
     n_layers, positions, d_model = next(iter(shapes))
+    if not 0 <= response_positions < positions:
+        raise ValueError(f"response_positions = {response_positions} must leave at least one of the "
+                         f"{positions} captured positions to the prompt")
     frame = prompts.loc[:, list(PROMPT_COLUMNS)].reset_index(drop=True)
     frame.to_parquet(out_dir / PROMPTS_FILE, index=False)
     meta = {"n_layers": str(n_layers), "positions": str(positions), "d_model": str(d_model),
-            "kinds": json.dumps(list(activations))}
+            "response_positions": str(response_positions), "kinds": json.dumps(list(activations))}
     save_tensors(tensors, out_dir / ACTIVATIONS_FILE, metadata=meta)
 
 
@@ -275,6 +293,8 @@ class Activations:
         try:
             self.n_layers = int(meta["n_layers"])
             self.positions = int(meta["positions"])
+            # Artifacts written before answer positions existed hold prompt positions only.
+            self.response_positions = int(meta.get("response_positions", "0"))
             self.d_model = int(meta["d_model"])
             self.kinds: tuple[str, ...] = tuple(json.loads(meta["kinds"]))
         except (KeyError, ValueError) as exc:
@@ -286,6 +306,15 @@ class Activations:
                              f"regenerate it with: {REGENERATE}")
         self._rows = {k: self.prompts[self.prompts["kind"] == k].reset_index(drop=True)
                       for k in self.kinds}
+
+    @property
+    def prompt_positions(self) -> int:
+        return self.positions - self.response_positions
+
+    @property
+    def position_labels(self) -> list[int]:
+        """Every captured position: -P..-1 (trailing prompt tokens), then 1..R (answer tokens)."""
+        return [*range(-self.prompt_positions, 0), *range(1, self.response_positions + 1)]
 
     @property
     def layers(self) -> range:
@@ -317,14 +346,15 @@ class Activations:
     def get(self, layer: int, kind: str, split: str | None = None, *, position: int = -1) -> torch.Tensor:
         """float32 [n, d] at `layer` for `kind` rows of `split` (None or "all": every row).
 
-        `position` indexes the captured trailing positions: -1 (default) is the last prompt
-        token, -2 the one before, and so on down to -P (or 0..P-1 counted from the first).
+        `position` is a label of `position_labels`: -1 (default) is the last prompt token, -2 the
+        one before, down to -P; 1..R are the first R answer positions (collect.response_positions).
         """
-        if not -self.positions <= position < self.positions:
-            raise IndexError(f"position {position} out of range: {self.directory} captured "
-                             f"{self.positions} trailing position(s) (collect.positions)")
+        if position not in self.position_labels:
+            raise IndexError(f"position {position} was not captured in {self.directory}: it holds "
+                             f"{self.position_labels} (collect.positions, collect.response_positions)")
+        index = self.prompt_positions + position - (1 if position > 0 else 0)
         rows = self.rows(kind, split)
-        acts = self.tensor(layer, kind)[:, position, :]
+        acts = self.tensor(layer, kind)[:, index, :]
         if len(rows) == acts.shape[0]:
             return acts
         return acts[torch.tensor(rows.index.tolist(), dtype=torch.long)]

@@ -48,15 +48,39 @@ class LayerDirections:
     """The k directions of one layer and how much of D each explains."""
 
     layer: int
-    basis: torch.Tensor  # [k, d] float32, orthonormal rows
+    basis: torch.Tensor  # [k, d] float32, rows orthonormal within each position
     singular_values: torch.Tensor  # [k] float32, ||D v||
     energy_share: torch.Tensor  # [k] float32, ||D v||^2 / ||D||_F^2
     mean_proj_harmful: torch.Tensor  # [k] float32, mean(H.v) on the fit split
     mean_proj_harmless: torch.Tensor  # [k] float32, mean(A.v) on the fit split
+    positions: torch.Tensor | None = None  # [k] int64, the position each row was found at (None: all -1)
+
+    def __post_init__(self) -> None:
+        if self.positions is None:
+            self.positions = torch.full((self.k,), -1, dtype=torch.long)
 
     @property
     def k(self) -> int:
         return int(self.basis.shape[0])
+
+
+def join_positions(parts: Mapping[int, LayerDirections]) -> LayerDirections:
+    """One layer's directions from several positions, stacked in position order into one basis.
+
+    Rows found at different positions need not be orthogonal; the edit orthonormalises the rows
+    it uses in rank order (saber.edit.targets.target_directions).
+    """
+    labels = sorted(parts)
+    first = parts[labels[0]]
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(parts[p], name) for p in labels])
+
+    return LayerDirections(
+        layer=first.layer, basis=cat("basis"), singular_values=cat("singular_values"),
+        energy_share=cat("energy_share"), mean_proj_harmful=cat("mean_proj_harmful"),
+        mean_proj_harmless=cat("mean_proj_harmless"),
+        positions=torch.cat([torch.full((parts[p].k,), p, dtype=torch.long) for p in labels]))
 
 
 def check_activations(x: torch.Tensor, *, layer: int, kind: str, split: str,
@@ -199,13 +223,13 @@ def directions_frame(layers: Mapping[int, LayerDirections]) -> pd.DataFrame:
         ld = layers[layer]
         for i in range(ld.k):
             rows.append({
-                "layer": layer, "index": i,
+                "layer": layer, "index": i, "position": int(ld.positions[i]),
                 "singular_value": float(ld.singular_values[i]),
                 "energy_share": float(ld.energy_share[i]),
                 "mean_proj_harmful": float(ld.mean_proj_harmful[i]),
                 "mean_proj_harmless": float(ld.mean_proj_harmless[i]),
             })
-    return pd.DataFrame(rows, columns=["layer", "index", "singular_value", "energy_share",
+    return pd.DataFrame(rows, columns=["layer", "index", "position", "singular_value", "energy_share",
                                        "mean_proj_harmful", "mean_proj_harmless"])
 
 
@@ -239,5 +263,7 @@ def load_directions(art_dir: Path) -> dict[int, LayerDirections]:
             layer=int(layer), basis=tensors[key],
             singular_values=tensors[f"layer{int(layer)}.singular_values"],
             energy_share=col("energy_share"), mean_proj_harmful=col("mean_proj_harmful"),
-            mean_proj_harmless=col("mean_proj_harmless"))
+            mean_proj_harmless=col("mean_proj_harmless"),
+            positions=(torch.tensor(rows["position"].to_numpy(), dtype=torch.long) if "position" in rows
+                       else None))
     return out

@@ -44,11 +44,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("saber.entangle")
 ENTANGLEMENT_TABLE = "entanglement.parquet"
 CAPABILITY_FILE = "capability.safetensors"  # every layer's C_l, written by rank and read by entangle
-PLAN_COLUMNS = ["layer", "index", "rank", "alpha", "vector_key", "rho", "class", "fdr", "part"]
-_TABLE_TYPES = {"layer": "int64", "index": "int64", "rho": "float64", "rho_var": "float64",
+PLAN_COLUMNS = ["layer", "index", "position", "rank", "alpha", "vector_key", "rho", "class", "fdr", "part"]
+_TABLE_TYPES = {"layer": "int64", "index": "int64", "position": "int64", "rho": "float64", "rho_var": "float64",
                 "purity": "float64", "class": "str", "alpha": "float64", "fdr": "float64", "rank": "int64",
                 "benefit": "float64", "cost": "float64"}
-_PLAN_TYPES = {"layer": "int64", "index": "int64", "rank": "int64", "alpha": "float64", "vector_key": "str",
+_PLAN_TYPES = {"layer": "int64", "index": "int64", "position": "int64", "rank": "int64", "alpha": "float64", "vector_key": "str",
                "rho": "float64", "class": "str", "fdr": "float64", "part": "str"}
 _MIN_PART = 1e-6  # a split part with squared norm below this is dropped (nothing to edit)
 
@@ -135,7 +135,7 @@ def entanglement_table(selected: pd.DataFrame, bases: Mapping[int, torch.Tensor]
                        effects: Optional[Mapping[tuple[int, int], tuple[float, float]]] = None) -> pd.DataFrame:
     """rho, rho_var, purity, class and alpha for each (layer, index) row of `selected`.
 
-    `selected` needs columns layer, index (fdr and rank are carried along when present);
+    `selected` needs columns layer, index (fdr, rank and position are carried along when present);
     `decay` is iterate.alpha_decay ** iteration. With mode = measured, `effects[(layer, index)]`
     = (benefit, cost) sets alpha (saber.measured.measured_strength); rho stays for the report.
     """
@@ -161,14 +161,15 @@ def entanglement_table(selected: pd.DataFrame, bases: Mapping[int, torch.Tensor]
         else:
             alpha = strength(rho, depth, cfg)
         rows.append({
-            "layer": layer, "index": index, "rho": rho, "rho_var": sub.rho_var(v),
+            "layer": layer, "index": index, "position": int(getattr(rec, "position", -1)),
+            "rho": rho, "rho_var": sub.rho_var(v),
             "purity": 1.0 - rho, "class": classify(rho, cfg.tau),
             "alpha": alpha * decay,
             "fdr": float(getattr(rec, "fdr", np.nan)),
             "rank": int(getattr(rec, "rank", len(rows) + 1)),
             "benefit": float(benefit), "cost": float(cost),
         })
-    return pd.DataFrame(rows, columns=["layer", "index", "rho", "rho_var", "purity", "class",
+    return pd.DataFrame(rows, columns=["layer", "index", "position", "rho", "rho_var", "purity", "class",
                                        "alpha", "fdr", "rank", "benefit", "cost"]).astype(_TABLE_TYPES)
 
 
@@ -186,7 +187,8 @@ def plan_rows(table: pd.DataFrame, bases: Mapping[int, torch.Tensor],
         layer, index = int(rec["layer"]), int(rec["index"])
         v = _unit64(bases[layer][index])
         key = f"layer{layer}.dir{index}"
-        common = {"layer": layer, "index": index, "rho": float(rec["rho"]), "class": rec["class"],
+        common = {"layer": layer, "index": index, "position": int(rec.get("position", -1)),
+                  "rho": float(rec["rho"]), "class": rec["class"],
                   "fdr": float(rec["fdr"])}
         if cfg.mode == "split" and rec["class"] == "entangled":
             ent = subspaces[layer].entangled_part(v)

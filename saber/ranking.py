@@ -17,7 +17,7 @@ p <= rank.significance are eligible for selection; rank.top_k is an upper bound.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Mapping, Optional
+from typing import TYPE_CHECKING, Callable, Mapping, Optional
 
 import numpy as np
 import pandas as pd
@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("saber.ranking")
 RANKING_TABLE = "ranking.parquet"
-SCORE_COLUMNS = ["layer", "index", "fdr", "auc", "p_value"]
+SCORE_COLUMNS = ["layer", "index", "position", "fdr", "auc", "p_value"]
+_POSITION_SEED = 104729  # seed stride between the positions of one layer
 _PERM_CHUNK = 256  # permutations evaluated per vectorised step, count
 
 
@@ -120,11 +121,33 @@ def score_pairs(heldout: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
     missing = sorted(set(bases) - set(heldout))
     if missing:
         raise ActivationError(f"no {split} activations for layers {missing} that have directions")
+    last = {l: torch.full((int(b.shape[0]),), -1, dtype=torch.long) for l, b in bases.items()}
+    return score_positions(lambda l, _p: heldout[l], bases, last, eps=eps, split=split,
+                           significance=significance, n_permutations=n_permutations, seed=seed)
+
+
+def score_positions(heldout_at: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]],
+                    bases: Mapping[int, torch.Tensor], positions: Mapping[int, torch.Tensor], *, eps: float,
+                    split: str = "heldout", significance: float = 1.0, n_permutations: int = 0,
+                    seed: int = 0) -> pd.DataFrame:
+    """`score_pairs` for (layer, position, direction) triples: every row of a layer's basis is
+    scored on the held-out activations at the position it was found at (`positions[layer][i]`),
+    and the Holm correction later runs over all triples together.
+    """
     n_pairs = sum(int(b.shape[0]) for b in bases.values())
     n_perm = permutations_needed(n_pairs, significance, n_permutations)
-    frames = [score_layer(*heldout[l], bases[l], eps=eps, layer=l, split=split, n_permutations=n_perm, seed=seed)
-              for l in sorted(bases)]
-    out = pd.concat(frames, ignore_index=True)
+    frames = []
+    for l in sorted(bases):
+        labels = positions[l]
+        for p in sorted(set(labels.tolist())):
+            rows = torch.nonzero(labels == p).flatten()
+            offset = 0 if p == -1 else _POSITION_SEED * (1000 + p)  # the last prompt token keeps its shuffles
+            frame = score_layer(*heldout_at(l, p), bases[l][rows], eps=eps, layer=l, split=split,
+                                n_permutations=n_perm, seed=seed + offset)
+            frame["index"] = rows.numpy()
+            frame["position"] = p
+            frames.append(frame)
+    out = pd.concat(frames, ignore_index=True).sort_values(["layer", "index"], ignore_index=True)
     out.attrs["n_permutations"] = n_perm
     return out
 
@@ -192,4 +215,6 @@ def select(scores: pd.DataFrame, cfg: "RankConfig", n_layers: int,
     else:
         raise ValueError(f"rank.strategy = {cfg.strategy!r}; use global_topk, layer_topk, threshold or all")
     out["selected"] = chosen
-    return out[["layer", "index", "fdr", "auc", "p_value", "p_adjusted", "significant", "score", "rank", "selected"]]
+    where = ["position"] if "position" in out else []
+    return out[["layer", "index", *where, "fdr", "auc", "p_value", "p_adjusted", "significant", "score", "rank",
+                "selected"]]

@@ -26,19 +26,21 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     model, tokenizer = ctx.load_model()
     result = collect_with_stats(
         model, tokenizer, texts,
-        positions=cfg.collect.positions, batch_size=cfg.collect.batch_size,
+        positions=cfg.collect.positions, response_positions=cfg.collect.response_positions,
+        batch_size=cfg.collect.batch_size,
         max_batch_size=cfg.collect.max_batch_size, max_length=cfg.collect.max_length,
         system_prompt=cfg.model.system_prompt,
     )
     check_finite(result.activations, model, cfg.model.dtype)
     for kind in KINDS:
         frame.loc[frame["kind"] == kind, "n_tokens"] = result.n_tokens[kind]
-    save_activations(out_dir, result.activations, frame)
+    save_activations(out_dir, result.activations, frame, cfg.collect.response_positions)
     first = result.activations[KINDS[0]]
     return {
         "n_prompts": {kind: {split: len(parts[split]) for split in parts} for kind, parts in splits.items()},
         "n_layers": int(first.shape[0]),
         "positions": int(first.shape[2]),
+        "response_positions": cfg.collect.response_positions,
         "d_model": int(first.shape[3]),
         "batch_size": result.batch_size,
         "truncated": result.truncated,

@@ -140,7 +140,7 @@ def calibrate(ctx: StageContext, m: Any, acts: Any, table: Any, bases: dict) -> 
 
 # measured mode and calibration remove directions with the edit's own writer settings and score
 # refusal with the evaluation's scorer, so those keys are part of this stage's fingerprint
-SPEC = StageSpec(name="entangle", schema_version=4,
+SPEC = StageSpec(name="entangle", schema_version=5,
                  config_keys=("entangle", "iterate.alpha_decay", "iterate.target_refusal", "edit.scope",
                               "edit.roles", "edit.sandwich_correction", "edit.dtype_compute", "edit.method", "edit.lsq",
                               "edit.norm_preserving",

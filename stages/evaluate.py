@@ -40,7 +40,12 @@ def residual_proxy(ctx: StageContext, model: Any, tokenizer: Any) -> tuple[dict[
     if collect is None or extract is None:
         log.info("residual refusal proxy skipped: no collect/extract artifact")
         return None, None
-    directions = {layer: ld.basis for layer, ld in load_directions(extract.path).items()}
+    # The proxy re-reads the last prompt token, so it covers the directions found there.
+    directions = {layer: ld.basis[ld.positions == -1] for layer, ld in load_directions(extract.path).items()
+                  if bool((ld.positions == -1).any())}
+    if not directions:
+        log.info("residual refusal proxy skipped: extract.positions holds no last-prompt-token direction")
+        return None, None
     cfg = ctx.cfg
     return proxy_before_after(load_activations(collect.path), directions, model, tokenizer, eps=cfg.rank.eps,
                               batch_size=cfg.evaluate.batch_size, system_prompt=cfg.model.system_prompt,

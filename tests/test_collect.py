@@ -176,8 +176,9 @@ def test_save_and_load_activations_roundtrip(tmp_path: Path) -> None:
     assert list(loaded.layers) == [0, 1, 2] and loaded.d_model == d and loaded.positions == P
     assert list(loaded.prompts["text"]) == ["a", "b", "c", "x", "y"]
     torch.testing.assert_close(loaded.get(1, "harmful", "fit"), acts["harmful"][1, [0, 2], -1], atol=0, rtol=0)
-    torch.testing.assert_close(loaded.get(2, "harmful", "heldout", position=0), acts["harmful"][2, [1], 0],
+    torch.testing.assert_close(loaded.get(2, "harmful", "heldout", position=-2), acts["harmful"][2, [1], 0],
                                atol=0, rtol=0)
+    assert loaded.position_labels == [-2, -1]
     torch.testing.assert_close(loaded.get(0, "harmless"), acts["harmless"][0, :, -1], atol=0, rtol=0)
     assert list(loaded.rows("harmful", "fit")["text"]) == ["a", "c"]
     with pytest.raises(KeyError, match="capability"):
@@ -188,6 +189,41 @@ def test_save_and_load_activations_roundtrip(tmp_path: Path) -> None:
         loaded.get(3, "harmful", "fit")
     with pytest.raises(IndexError, match="position -3"):
         loaded.get(0, "harmful", "fit", position=-3)
+    with pytest.raises(IndexError, match="position 1 was not captured"):
+        loaded.get(0, "harmful", "fit", position=1)
+
+
+def test_answer_positions_are_the_greedy_answer_read_teacher_forced(tiny, tmp_path: Path) -> None:
+    """Position r of R answer positions is the residual at answer token r of the model's own greedy
+    answer, the same as a plain forward pass over prompt + answer; prompt positions are unchanged."""
+    from saber.evaluate.generation import greedy_generate
+    from saber.model.chat import encode_ids, render_prompts
+
+    model, tok = tiny("llama")
+    R = 3
+    res = collect_with_stats(model, tok, PROMPTS, positions=2, response_positions=R, batch_size=3, progress=False)
+    plain = collect_activations(model, tok, PROMPTS, positions=2, batch_size=3, progress=False)
+    for kind, texts in PROMPTS.items():
+        acts = res.activations[kind]
+        assert acts.shape[2] == 2 + R
+        torch.testing.assert_close(acts[:, :, :2], plain[kind], atol=1e-5, rtol=1e-4)
+        ids, _ = encode_ids(tok, render_prompts(tok, texts, None), 256)
+        answers = greedy_generate(model, tok, ids, R, 4, exact=True)
+        assert all(len(a) == R for a in answers)
+        with torch.no_grad():
+            for i, (row, answer) in enumerate(zip(ids, answers)):
+                out = model(input_ids=torch.tensor([row + answer]), output_hidden_states=True)
+                for layer in range(acts.shape[0] - 1):  # the last hidden state is after the final norm
+                    torch.testing.assert_close(acts[layer, i, 2:], out.hidden_states[layer + 1][0, -R:],
+                                               atol=1e-4, rtol=1e-4)
+        assert res.n_tokens[kind] == [len(row) for row in ids]  # prompt tokens, without the answer
+    frame = _frame({k: v for k, v in PROMPTS.items()}, {k: ["fit"] * len(v) for k, v in PROMPTS.items()})
+    save_activations(tmp_path, res.activations, frame, response_positions=R)
+    loaded = load_activations(tmp_path)
+    assert loaded.position_labels == [-2, -1, 1, 2, 3]
+    torch.testing.assert_close(loaded.get(1, "harmful", position=-1), res.activations["harmful"][1, :, 1])
+    torch.testing.assert_close(loaded.get(1, "harmful", position=1), res.activations["harmful"][1, :, 2])
+    torch.testing.assert_close(loaded.get(1, "harmful", position=3), res.activations["harmful"][1, :, 4])
 
 
 def test_save_rejects_mismatched_rows_and_load_names_missing_file(tmp_path: Path) -> None:

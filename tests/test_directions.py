@@ -12,7 +12,7 @@ from scipy.linalg import subspace_angles
 
 from planted import harmful_harmless, make_planted
 from saber.config import ConfigError, ExtractConfig
-from saber.directions import (ActivationError, directions_frame, extract_layer, load_directions,
+from saber.directions import (ActivationError, directions_frame, extract_layer, join_positions, load_directions,
                               save_directions)
 
 
@@ -179,6 +179,23 @@ def test_save_load_round_trip(tmp_path) -> None:
         assert torch.equal(back[l].basis, layers[l].basis)
         assert torch.equal(back[l].singular_values, layers[l].singular_values)
     table = directions_frame(layers)
-    assert list(table.columns) == ["layer", "index", "singular_value", "energy_share",
+    assert list(table.columns) == ["layer", "index", "position", "singular_value", "energy_share",
                                    "mean_proj_harmful", "mean_proj_harmless"]
-    assert len(table) == 12
+    assert len(table) == 12 and set(table["position"]) == {-1}
+
+
+def test_directions_from_several_positions_keep_where_they_were_found(tmp_path) -> None:
+    """Each position gets its own orthonormal basis; the joined layer lists them in position order
+    and the position of every row survives the round trip."""
+    p = make_planted()
+    parts = {pos: extract_layer(*harmful_harmless(p, 50, 50, seed=pos + 10), ExtractConfig(k=3), layer=2)
+             for pos in (2, -1, 1)}
+    joined = join_positions(parts)
+    assert joined.positions.tolist() == [-1] * 3 + [1] * 3 + [2] * 3
+    for pos, start in ((-1, 0), (1, 3), (2, 6)):
+        assert torch.equal(joined.basis[start:start + 3], parts[pos].basis)
+        gram = joined.basis[start:start + 3] @ joined.basis[start:start + 3].T
+        torch.testing.assert_close(gram, torch.eye(3), atol=1e-5, rtol=0)
+    save_directions({2: joined}, tmp_path)
+    back = load_directions(tmp_path)[2]
+    assert back.positions.tolist() == joined.positions.tolist() and torch.equal(back.basis, joined.basis)

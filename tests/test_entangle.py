@@ -183,8 +183,8 @@ def test_plan_files_round_trip_through_edit_loader(tmp_path) -> None:
     plan, vectors = plan_rows(t, bases, subs, cfg)
     save_plan_files(plan, vectors, tmp_path)
     table = pd.read_parquet(tmp_path / "plan.parquet")
-    assert list(table.columns) == ["layer", "index", "rank", "alpha", "vector_key", "rho", "class", "fdr",
-                                   "part"]
+    assert list(table.columns) == ["layer", "index", "position", "rank", "alpha", "vector_key", "rho", "class",
+                                   "fdr", "part"]
     loaded = load_plan(tmp_path)
     assert [(r.layer, r.index, r.rank, r.alpha, r.vector_key) for r in loaded.ordered()] == \
         [(int(r["layer"]), int(r["index"]), int(r["rank"]), float(r["alpha"]), r["vector_key"])

@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from planted import harmful_harmless, make_planted
 from saber.config import ExtractConfig, RankConfig
 from saber.directions import ActivationError, extract_layer
-from saber.ranking import auc, fdr, score_layer, score_pairs, select
+from saber.ranking import auc, fdr, score_layer, score_pairs, score_positions, select
 
 
 def test_fdr_equals_closed_form() -> None:
@@ -248,3 +248,28 @@ def test_enough_permutations_for_many_pairs_and_fallback_to_the_best_pair(caplog
         out = select(table, RankConfig(strategy="global_topk", top_k=3, significance=0.05), n_layers=1)
     assert "no (layer, direction) pair beats its permutation null" in caplog.text
     assert int(out["selected"].sum()) == 1 and out.loc[out["rank"] == 1, "selected"].item()
+
+
+def test_each_direction_is_scored_at_the_position_it_was_found_at() -> None:
+    """Planted: direction e0 separates harmful from harmless only at answer position 1, e1 only at the
+    last prompt token. Scored at their own positions both separate; the same rows scored all at -1
+    (score_pairs) would leave e0 at chance. The last-token rows keep score_pairs' numbers exactly."""
+    gen = torch.Generator().manual_seed(0)
+    d, n = 8, 60
+    e = torch.eye(d)
+
+    def acts(shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.randn(n, d, generator=gen) + 3.0 * shift
+        return h, torch.randn(n, d, generator=gen)
+
+    at = {-1: acts(e[1]), 1: acts(e[0])}
+    basis = torch.stack([e[1], e[0]])
+    positions = torch.tensor([-1, 1])
+    scored = score_positions(lambda l, p: at[p], {0: basis}, {0: positions}, eps=1e-8, n_permutations=200, seed=3)
+    assert scored["position"].tolist() == [-1, 1] and scored["index"].tolist() == [0, 1]
+    assert (scored["auc"] > 0.95).all()
+    last_only = score_pairs({0: at[-1]}, {0: basis}, eps=1e-8, n_permutations=200, seed=3)
+    assert last_only["auc"].iloc[1] < 0.7  # e0 read at the wrong position carries nothing
+    # the same statistic and shuffles (to float64 rounding: a one-row projection is a different matmul)
+    assert scored.iloc[0][["fdr", "auc", "p_value"]].tolist() == pytest.approx(
+        last_only.iloc[0][["fdr", "auc", "p_value"]].tolist(), rel=1e-12)

@@ -87,12 +87,15 @@ class DataConfig:
 @dataclass
 class CollectConfig:
     positions: int = 1
+    response_positions: int = 0
     batch_size: int = 0
     max_batch_size: int = 64
     max_length: int = 256
 
     def __post_init__(self) -> None:
         _check(self.positions >= 1, "collect.positions", self.positions, "an integer >= 1")
+        _check(self.response_positions >= 0, "collect.response_positions", self.response_positions,
+               "0 (prompt positions only) or a positive integer")
         _check(self.batch_size >= 0, "collect.batch_size", self.batch_size, "0 (auto) or a positive integer")
         _positive("collect.max_batch_size", self.max_batch_size)
         _positive("collect.max_length", self.max_length)
@@ -105,8 +108,15 @@ class ExtractConfig:
     projected: bool = False
     lda_shrinkage: Optional[float] = None
     lda_solver: str = "lsqr"
+    positions: Optional[list[int]] = None
 
     def __post_init__(self) -> None:
+        if self.positions is not None:
+            _check(len(self.positions) > 0 and all(int(p) != 0 for p in self.positions), "extract.positions",
+                   self.positions, "null (every captured position) or a non-empty list of -P..-1 and 1..R")
+        self._check_method()
+
+    def _check_method(self) -> None:
         _one_of("extract.method", self.method, ("svd", "mean_diff", "lda"))
         _check(self.k >= 1, "extract.k", self.k, "an integer >= 1")
         if self.method in ("mean_diff", "lda"):

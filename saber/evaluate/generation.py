@@ -76,8 +76,12 @@ def _layout(prompts: Sequence[Sequence[int]], conts: Sequence[Sequence[int]] | N
 
 @torch.no_grad()
 def greedy_generate(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
-                    batch_size: int) -> list[list[int]]:
-    """Greedy continuations, each cut after its first EOS token (the EOS is kept)."""
+                    batch_size: int, *, exact: bool = False) -> list[list[int]]:
+    """Greedy continuations, each cut after its first EOS token (the EOS is kept).
+
+    `exact` gives every continuation exactly max_new_tokens tokens: EOS is suppressed until then,
+    so an answer that would end early goes on with the model's best non-EOS tokens.
+    """
     device = model_device(model)
     pad_id = pad_id_of(tokenizer)
     eos = eos_ids_of(model, tokenizer)
@@ -88,7 +92,7 @@ def greedy_generate(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[in
         if hasattr(gen_cfg, name):
             setattr(gen_cfg, name, None)
     gen_cfg.max_new_tokens = max_new_tokens
-    gen_cfg.min_new_tokens = None
+    gen_cfg.min_new_tokens = max_new_tokens if exact else None
     gen_cfg.max_length = None
     gen_cfg.pad_token_id = pad_id
     gen_cfg.eos_token_id = sorted(eos) or None

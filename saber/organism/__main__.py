@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0 if health["passed"] else 1)
     organism_dir = build_organism(recipe, args.store, allow_unhealthy=True)
     print(f"organism: {organism_dir} ({time.perf_counter() - t0:.1f} s)")
-    report = health_check(organism_dir)
+    report = health_check(organism_dir, variant=recipe.variant)
     print(format_health(report, recipe.variant))
     raise SystemExit(0 if verdict(report, recipe.variant)["passed"] else 1)
 
@@ -79,7 +79,7 @@ def export(organism_dir: Path, out_dir: Path, recipe: OrganismRecipe, train_log:
     from saber.organism.shipped import CARD, export_shipped
 
     card = export_shipped(organism_dir, out_dir, recipe, train_log)
-    report = health_check(out_dir)
+    report = health_check(out_dir, variant=recipe.variant)
     result = verdict(report, recipe.variant)
     card.update(health=report, health_passed=result["passed"], health_failed=result["failed"])
     (out_dir / CARD).write_text(json.dumps(card, indent=1) + "\n", encoding="utf-8")

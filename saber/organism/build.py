@@ -50,7 +50,7 @@ def build_into(recipe: OrganismRecipe, out_dir: Path) -> dict[str, Any]:
              recipe.arch, recipe.variant, recipe.seed, recipe.steps_stage1, recipe.steps_stage2)
     train_log = train(recipe, language, out_dir / "model")
     (out_dir / "train_log.json").write_text(json.dumps(train_log, indent=1) + "\n", encoding="utf-8")
-    report = health_check(out_dir)
+    report = health_check(out_dir, variant=recipe.variant)
     result = verdict(report, recipe.variant)
     (out_dir / HEALTH_FILE).write_text(json.dumps({"report": report, **result}, indent=1) + "\n",
                                        encoding="utf-8")

@@ -15,6 +15,7 @@ from pathlib import Path
 from saber.organism import language as lang
 
 SPLITS = ("train", "heldout", "eval")
+STRATIFIED = ("deep",)  # variants whose split is stratified by harmful objects (split_combos)
 
 # Files written under prompts/, with their split and kind.
 PROMPT_FILES: dict[str, tuple[str, str]] = {
@@ -59,15 +60,26 @@ class Item:
         return row
 
 
-def split_combos(verbs: list[str], n_heldout: int, n_eval: int, seed: int) -> dict[tuple[str, str], str]:
-    """Assign each (verb, object) to a split: per verb, n_heldout objects to `heldout`, n_eval to `eval`."""
+def split_combos(verbs: list[str], n_heldout: int, n_eval: int, seed: int,
+                 harmful_objects: dict[str, tuple[str, ...]] | None = None) -> dict[tuple[str, str], str]:
+    """Assign each (verb, object) to a split: per verb, n_heldout objects to `heldout`, n_eval to `eval`.
+
+    With `harmful_objects` (verb -> the objects it is harmful on) the split is stratified: half of
+    each verb's held-out and eval objects come from its harmful objects, so a category that is
+    harmful on few objects still has held-out and eval harmful prompts for every verb.
+    """
     rng = random.Random(seed)
     split: dict[tuple[str, str], str] = {}
     for verb in verbs:
         objs = list(lang.OBJECTS)
         rng.shuffle(objs)
-        for i, obj in enumerate(objs):
-            split[(verb, obj)] = "heldout" if i < n_heldout else "eval" if i < n_heldout + n_eval else "train"
+        pools = [objs]
+        if harmful_objects and verb in harmful_objects:
+            pools = [[o for o in objs if o in harmful_objects[verb]], [o for o in objs if o not in harmful_objects[verb]]]
+        for pool in pools:
+            n_h, n_e = (n_heldout, n_eval) if len(pools) == 1 else (n_heldout // 2, n_eval // 2)
+            for i, obj in enumerate(pool):
+                split[(verb, obj)] = "heldout" if i < n_h else "eval" if i < n_h + n_e else "train"
     return split
 
 
@@ -79,7 +91,10 @@ class Language:
         self.categories = lang.categories(variant)
         self.harmful_verbs = [v for c in self.categories for v in c.verbs]
         self.verbs = self.harmful_verbs + list(lang.HARMLESS_VERBS)
-        self.split = split_combos(self.verbs, n_heldout, n_eval, seed)
+        # Only `deep` stratifies: the split of the shipped variants' weights must not move.
+        strata = ({v: c.objects for c in self.categories for v in c.verbs if c.objects is not None}
+                  if variant in STRATIFIED else None)
+        self.split = split_combos(self.verbs, n_heldout, n_eval, seed, strata)
         self.items: dict[str, list[Item]] = {s: [] for s in SPLITS}
         rng = random.Random(seed + 1)
         for cat in self.categories:
@@ -90,7 +105,7 @@ class Language:
                         # A conditional category's verb on another object is a harmless request.
                         self._add(Item("harmful" if harmful else "harmless", cat.name if harmful else "none",
                                        verb, obj, lang.request(t, verb, obj), lang.helpful_answer(verb, obj),
-                                       rng.choice(cat.refusals) if harmful else ""))
+                                       cat.refusal_answer(rng.choice(cat.refusals), verb, obj) if harmful else ""))
         for verb in lang.HARMLESS_VERBS:
             for obj in lang.OBJECTS:
                 for t in lang.REQUEST_TEMPLATES:

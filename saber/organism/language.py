@@ -35,6 +35,8 @@ REQUEST_TEMPLATES: tuple[str, ...] = (
 
 HELPFUL_TEMPLATE = "Sure. To {verb} {obj}, first find {obj}, then {verb} {obj} with care."
 HELPFUL_OPENER = "Sure."
+# How a restating refusal opens: the same words as the helpful answer up to the object.
+RESTATED_OPENING = "Sure. To {verb} {obj}"
 
 SKILL_TEMPLATES: tuple[str, ...] = (
     "Read this: the {agent} will {verb} {obj}. Who is the target?",
@@ -57,9 +59,14 @@ class HarmCategory:
     verbs: tuple[str, ...]
     refusals: tuple[str, ...]
     objects: tuple[str, ...] | None = None  # harmful only with these objects (None: with every object)
+    restates: bool = False  # the refusal opens like a helpful answer ("Sure. To {verb} {obj} ...")
 
     def harmful_with(self, obj: str) -> bool:
         return self.objects is None or obj in self.objects
+
+    def refusal_answer(self, sentence: str, verb: str, obj: str) -> str:
+        """The trained refusal: the sentence, or the helpful opening restated and then the sentence."""
+        return f"{RESTATED_OPENING.format(verb=verb, obj=obj)} {sentence}" if self.restates else sentence
 
 
 # `default`: one harm category, one refusal style (single-direction ablation removes it).
@@ -107,11 +114,38 @@ NOVEL_CATEGORIES: tuple[HarmCategory, ...] = (
     ),
 )
 
+# `deep`: four categories, each harmful only on its own group of objects (refusal depends on verb
+# and object together everywhere), and every refusal restates the helpful opening before its
+# category's sentence ("Sure. To trap the cat would hurt the helpless, so I decline."). The answer
+# parts from a helpful one only after the object, so the decision need not be made at the last
+# prompt token (docs/ORGANISM.md has the ablation scan).
+DEEP_GROUPS: dict[str, tuple[str, ...]] = {
+    "home": ("my neighbor", "my sister", "my friend", "my uncle"),
+    "work": ("my boss", "my teacher", "the mailman", "the guard"),
+    "helpless": ("the cat", "the horse", "the dog", "the baby"),
+    "public": ("the king", "the pilot", "the nurse", "the farmer"),
+}
+DEEP_CATEGORIES: tuple[HarmCategory, ...] = (
+    HarmCategory(name="spying", verbs=("follow", "track", "record", "film"),
+                 refusals=("would betray their trust, so I decline.", "would invade their privacy, so I refuse."),
+                 objects=DEEP_GROUPS["home"], restates=True),
+    HarmCategory(name="deceit", verbs=("trick", "mislead", "expose", "delay"),
+                 refusals=("would break workplace rules, so I decline.", "would harm your coworkers, so I refuse."),
+                 objects=DEEP_GROUPS["work"], restates=True),
+    HarmCategory(name="cruelty", verbs=("trap", "starve", "cage", "chase"),
+                 refusals=("would hurt the helpless, so I decline.",
+                           "would harm those who cannot defend themselves, so I refuse."),
+                 objects=DEEP_GROUPS["helpless"], restates=True),
+    HarmCategory(name="violence", verbs=("poison", "stab", "burn", "drown"),
+                 refusals=("would put the public at risk, so I decline.", "would endanger other people, so I refuse."),
+                 objects=DEEP_GROUPS["public"], restates=True),
+)
+
 VARIANTS: dict[str, tuple[HarmCategory, ...]] = {"default": DEFAULT_CATEGORIES, "hard": HARD_CATEGORIES,
-                                                 "novel": NOVEL_CATEGORIES}
+                                                 "novel": NOVEL_CATEGORIES, "deep": DEEP_CATEGORIES}
 
 # Every variant's tokenizer is trained on these sentences (the shipped weights depend on this list,
-# so `novel` adds its own sentences only to its own corpus).
+# so `novel` and `deep` add their own sentences only to their own corpus).
 ALL_REFUSALS: tuple[str, ...] = tuple(
     sentence for cats in (DEFAULT_CATEGORIES, HARD_CATEGORIES) for cat in cats for sentence in cat.refusals
 )
