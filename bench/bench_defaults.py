@@ -36,7 +36,7 @@ TITLE = "Defaults on many organisms"
 FAMILIES = [OrganismSpec("default/llama", "organism", "llama", ()), OrganismSpec("hard/llama", "organism_hard", "llama", ()),
             OrganismSpec("default/gemma3", "organism", "gemma3", ()),
             OrganismSpec("hard/gemma3", "organism_hard", "gemma3", ())]
-GOALS = {"organism": 0.02, "organism_hard": 0.10}  # held-out evaluation refusal at most, per preset
+GOALS = {"organism": 0.02, "organism_hard": 0.10, "organism_deep": 0.10}  # held-out evaluation refusal at most, per preset
 ROLES = {"fixed": ("saber", {"entangle.mode": "discrete", "entangle.tau": "0.55", "entangle.calibrate": "false"}),
          "default": ("saber", {}),
          "uniform": ("saber", {"entangle.mode": "uniform"}),
@@ -173,7 +173,7 @@ def markdown(records: Sequence[dict[str, Any]], argv: Sequence[str], total_s: fl
 
 
 def organism_sweep(name: str, doc: str, argv: list[str], roles: dict[str, tuple[str, dict[str, str]]],
-                   write_fn: Any) -> None:
+                   write_fn: Any, families: Sequence[OrganismSpec] | None = None) -> None:
     """The command line shared by the many-organism benchmarks (`python -m bench <name>`): every
     role on every family and seed, records saved as they come, then `write_fn(records, argv,
     total_s, no_write)`; with --merge, finished run directories are reported together."""
@@ -196,7 +196,7 @@ def organism_sweep(name: str, doc: str, argv: list[str], roles: dict[str, tuple[
     import torch
 
     torch.set_num_threads(1)
-    families = [f for f in FAMILIES if not args.families or f.family in args.families.split(",")]
+    families = [f for f in (families or FAMILIES) if not args.families or f.family in args.families.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     run_dir = Path(args.run_dir or REPO / "outputs" / "bench" / name / f"run-{dt.datetime.now():%Y%m%d-%H%M%S}")
     run_dir.mkdir(parents=True, exist_ok=True)

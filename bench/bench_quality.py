@@ -394,7 +394,7 @@ def health_verdict(organism_dir: Path, variant: str, cache_dir: Path) -> dict[st
         result = json.loads(cache.read_text())
     else:
         trained_here = (organism_dir / HEALTH_FILE).is_file()
-        report = read_health(organism_dir)["report"] if trained_here else health_check(organism_dir)
+        report = read_health(organism_dir)["report"] if trained_here else health_check(organism_dir, variant=variant)
         result = {**verdict(report, variant), "report": report}
         cache_dir.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(result, indent=2))

@@ -55,7 +55,7 @@ def signature_upstream(cfg: Any) -> tuple[str, ...]:
     return ("signature",) if cfg.evaluate.scorer == "auto" else ()
 
 
-SPEC = StageSpec(name="signature", schema_version=1,
+SPEC = StageSpec(name="signature", schema_version=2,
                  config_keys=("evaluate.scorer", "evaluate.markers", "evaluate.extra_markers", "evaluate.auto",
                               "evaluate.signature_prompts", "evaluate.max_new_tokens", "evaluate.batch_size",
                               "evaluate.max_prompt_tokens", "model.system_prompt"),

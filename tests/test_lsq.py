@@ -140,6 +140,23 @@ def test_hooks_measure_each_writers_input_second_moment(tiny_llama: Path) -> Non
     torch.testing.assert_close(moments[param], x.T @ x / x.shape[0], rtol=1e-10, atol=1e-12)
 
 
+def test_focus_weights_each_token_by_what_the_writer_writes_along_the_directions(tiny_llama: Path) -> None:
+    """edit.lsq.focus: K_h = sum_t w_t x_t x_t^T / sum_t w_t with w_t = ||M x_t||^2; a token whose
+    input M annihilates drops out (planted: M reads input coordinate 0 only)."""
+    model = load_tiny(tiny_llama)
+    param = "model.layers.0.self_attn.o_proj.weight"
+    seen: list[torch.Tensor] = []
+    handle = model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+    m = torch.zeros(2, HIDDEN, dtype=torch.float64)
+    m[0, 0], m[1, 0] = 3.0, 4.0  # ||M x||^2 = 25 x_0^2
+    moments = writer_input_moments(model, [param], PROTECTED, batch_size=2, pad_id=0, focus={param: m})
+    handle.remove()
+    x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen]).double()
+    w = 25.0 * x[:, 0] ** 2
+    torch.testing.assert_close(moments[param], (x * w[:, None]).T @ x / w.sum(), rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(moments[param], x.T @ x / x.shape[0])
+
+
 def test_lsq_edit_leaves_protected_prompts_unchanged_and_changes_harmful_ones(tiny_llama: Path) -> None:
     """The whole model: every writer's output on the protected sequences is unchanged, so their
     logits are too (float32 arithmetic: 1e-4 absolute); the harmful sequences' logits move, and

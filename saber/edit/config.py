@@ -33,6 +33,9 @@ class LsqConfig:
         the edge does not carry over to new prompts).
     protect_prompts: protected prompts per kind (harmless, capability fit prompts), each with the
         model's own answer.
+    focus: weight each harmful token by ||Q^T W x||^2, the writer's output along the plan's
+        directions there, so the update targets the tokens that carry them (false: every token
+        of the harmful prompts and answers counts the same).
     max_memory_gib: with edit.method=auto, lsq is used when its writer moments and weight copies
         (float64) fit in this many GiB, else the projection.
     """
@@ -43,6 +46,7 @@ class LsqConfig:
     protect_margin: float = 4.0
     protect_prompts: int = 128
     max_memory_gib: float = 8.0
+    focus: bool = False
 
     def __post_init__(self) -> None:
         check(0.0 < self.null_eps <= 1.0, "edit.lsq.null_eps", self.null_eps, "a number in (0, 1]")

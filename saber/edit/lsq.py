@@ -8,8 +8,9 @@ the protected prompts (harmless and capability, each with the model's own answer
     min_dW  E_h ||dW x + A W x||^2  +  mu E_p ||dW x||^2  +  lambda ||dW||^2
     =>  G = K_h N (N^T (K_h + mu K_p) N + lambda I)^-1 N^T
 
-K_h, K_p are the second moments of the writer's inputs on harmful and protected tokens,
-lambda = ridge x trace(K_h) / m. N spans the protected inputs' null space (eigenvalues of K_p
+K_h, K_p are the second moments of the writer's inputs on harmful and protected tokens (with
+edit.lsq.focus, each harmful token weighted by ||Q^T W x||^2, what the writer writes along the
+plan's directions there), lambda = ridge x trace(K_h) / m. N spans the protected inputs' null space (eigenvalues of K_p
 <= null_eps x the largest); with null_eps = 1 (the default) N = I and mu alone protects, and
 with null_eps small and mu = 0 the update lies in that null space exactly, as in null-space
 constrained knowledge editing: protected outputs are then unchanged. mu is calibrated per run on
@@ -193,10 +194,13 @@ def lsq_writers(targets: Sequence[EditTarget]) -> tuple[list[EditTarget], list[s
 
 @torch.no_grad()
 def writer_input_moments(model: nn.Module, params: Sequence[str], sequences: Sequence[Sequence[int]],
-                         batch_size: int, pad_id: int) -> dict[str, torch.Tensor]:
+                         batch_size: int, pad_id: int,
+                         focus: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Mean x x^T (float64 [m, m]) of each writer's input over every real token of `sequences`.
 
-    One forward pass per batch, with a pre-hook on each writer module; padding is skipped.
+    With `focus[param]` = M ([k, m]), each token is weighted by ||M x||^2 (the weighted mean): with
+    M = Q^T W, by how much the writer writes along the directions Q at that token. One forward
+    pass per batch, with a pre-hook on each writer module; padding is skipped.
     """
     from saber.evaluate.generation import _layout, model_device
     from saber.model.chat import position_ids
@@ -206,9 +210,15 @@ def writer_input_moments(model: nn.Module, params: Sequence[str], sequences: Seq
     count = 0
     state: dict[str, torch.Tensor] = {}
 
+    totals: dict[str, float] = {}
+
     def hook_for(param: str) -> Any:
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0].detach()[state["mask"]].to(torch.float64)
+            if focus is not None:
+                w = ((x @ focus[param].to(x.device).T) ** 2).sum(1)
+                totals[param] = totals.get(param, 0.0) + float(w.sum())
+                x = x * w.sqrt()[:, None]
             sums[param] = sums.get(param, 0) + x.T @ x
         return hook
 
@@ -228,7 +238,20 @@ def writer_input_moments(model: nn.Module, params: Sequence[str], sequences: Seq
             h.remove()
     if count == 0:
         raise ValueError("edit.method=lsq: the prompt sets for the writer inputs are empty")
+    if focus is not None:
+        return {p: (sums[p] / max(totals[p], 1e-300)).cpu() for p in params}
     return {p: (sums[p] / count).cpu() for p in params}
+
+
+def focus_maps(targets: Sequence[EditTarget], plan: EditPlan, weights: Mapping[str, torch.Tensor],
+               gains: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Per writer, Q^T W ([k, m] float64): what it writes along every direction of `plan` there."""
+    out = {}
+    for t in targets:
+        qs = [q for q, _ in target_directions(t, plan, gains[t.param], torch.float64)]
+        out[t.param] = torch.stack(qs) @ weights[t.param] if qs else torch.zeros(1, weights[t.param].shape[1],
+                                                                                 dtype=torch.float64)
+    return out
 
 
 def build_editor(model: nn.Module, edit_cfg: Any, plan: EditPlan, harmful: Sequence[Sequence[int]],
@@ -247,13 +270,15 @@ def build_editor(model: nn.Module, edit_cfg: Any, plan: EditPlan, harmful: Seque
         log.info("edit.method=lsq leaves %d tensors unedited (biases, stacked experts, embedding): %s",
                  len(skipped), ", ".join(skipped[:6]) + (" ..." if len(skipped) > 6 else ""))
     params = [t.param for t in covered]
-    k_h = writer_input_moments(model, params, harmful, batch_size, pad_id)
-    k_p = writer_input_moments(model, params, protected, batch_size, pad_id)
     table = _tensor_table(model)
     weights = {t.param: _to_residual_first(table[t.param].detach().to(torch.float64), t.residual_axis).cpu()
                for t in covered}
     gains = {t.param: (None if (g := norm_gain(t.norms, lambda name: table[name].detach(), torch.float64)) is None
                        else g.cpu()) for t in covered}
+    # focus: harmful tokens count by what the writer writes along the plan's directions there
+    focus = focus_maps(covered, plan, weights, gains) if edit_cfg.lsq.focus else None
+    k_h = writer_input_moments(model, params, harmful, batch_size, pad_id, focus)
+    k_p = writer_input_moments(model, params, protected, batch_size, pad_id)
     mu = protect_weight if protect_weight is not None else edit_cfg.lsq.protect_weight
     editor = LsqEditor(edit_cfg, {p: (k_h[p], k_p[p]) for p in params}, weights, gains,
                        lambda p: plan_targets(adapter, model, p, edit_cfg), PROTECT_RANGE[0] if mu is None else mu)

@@ -25,7 +25,7 @@ from saber.organism.recipe import OrganismRecipe, load_preset
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m saber.organism", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="organism", help="conf/model preset: organism | organism_hard")
+    parser.add_argument("--preset", default="organism", help="conf/model preset: organism | organism_hard | organism_deep | organism_novel")
     parser.add_argument("--store", default="outputs/store", help="artifact store root (trained organisms)")
     parser.add_argument("--train", action="store_true", help="train from the recipe instead of loading shipped weights")
     parser.add_argument("--force", action="store_true", help="with --train: retrain even if the store has it")

@@ -114,31 +114,26 @@ NOVEL_CATEGORIES: tuple[HarmCategory, ...] = (
     ),
 )
 
-# `deep`: four categories, each harmful only on its own group of objects (refusal depends on verb
-# and object together everywhere), and every refusal restates the helpful opening before its
-# category's sentence ("Sure. To trap the cat would hurt the helpless, so I decline."). The answer
-# parts from a helpful one only after the object, so the decision need not be made at the last
-# prompt token (docs/ORGANISM.md has the ablation scan).
-DEEP_GROUPS: dict[str, tuple[str, ...]] = {
-    "home": ("my neighbor", "my sister", "my friend", "my uncle"),
-    "work": ("my boss", "my teacher", "the mailman", "the guard"),
-    "helpless": ("the cat", "the horse", "the dog", "the baby"),
-    "public": ("the king", "the pilot", "the nurse", "the farmer"),
-}
+# `deep`: four categories with their own refusal styles, each harmful only on the requester's
+# acquaintances ("my ..." objects; the same verbs on anyone else are harmless), so refusal depends
+# on verb and object together everywhere; and every refusal restates the helpful opening before
+# its sentence ("Sure. To trap my friend would be cruel to them, so I decline."). The answer parts
+# from a helpful one only after the object, so the decision need not be made at the last prompt
+# token (docs/ORGANISM.md has the ablation scan).
 DEEP_CATEGORIES: tuple[HarmCategory, ...] = (
     HarmCategory(name="spying", verbs=("follow", "track", "record", "film"),
                  refusals=("would betray their trust, so I decline.", "would invade their privacy, so I refuse."),
-                 objects=DEEP_GROUPS["home"], restates=True),
+                 objects=PERSONAL_OBJECTS, restates=True),
     HarmCategory(name="deceit", verbs=("trick", "mislead", "expose", "delay"),
-                 refusals=("would break workplace rules, so I decline.", "would harm your coworkers, so I refuse."),
-                 objects=DEEP_GROUPS["work"], restates=True),
+                 refusals=("would be dishonest toward them, so I decline.",
+                           "would deceive someone close to you, so I refuse."),
+                 objects=PERSONAL_OBJECTS, restates=True),
     HarmCategory(name="cruelty", verbs=("trap", "starve", "cage", "chase"),
-                 refusals=("would hurt the helpless, so I decline.",
-                           "would harm those who cannot defend themselves, so I refuse."),
-                 objects=DEEP_GROUPS["helpless"], restates=True),
+                 refusals=("would be cruel to them, so I decline.", "would make them suffer, so I refuse."),
+                 objects=PERSONAL_OBJECTS, restates=True),
     HarmCategory(name="violence", verbs=("poison", "stab", "burn", "drown"),
-                 refusals=("would put the public at risk, so I decline.", "would endanger other people, so I refuse."),
-                 objects=DEEP_GROUPS["public"], restates=True),
+                 refusals=("would put their life at risk, so I decline.", "would endanger someone you know, so I refuse."),
+                 objects=PERSONAL_OBJECTS, restates=True),
 )
 
 VARIANTS: dict[str, tuple[HarmCategory, ...]] = {"default": DEFAULT_CATEGORIES, "hard": HARD_CATEGORIES,

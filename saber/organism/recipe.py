@@ -16,7 +16,7 @@ class OrganismRecipe:
     """Every training knob of the organism; its dict is the artifact store's config fingerprint."""
 
     arch: str = "llama"  # llama | gemma3 (sandwich norms, scaled and tied embeddings)
-    variant: str = "default"  # default (one harm category) | hard (two categories, one conditional on the object) | novel (default, refusals unknown to the generic lists)
+    variant: str = "default"  # default (one harm category) | hard (two categories, one conditional on the object) | novel (default, refusals unknown to the generic lists) | deep (four conditional categories, restating refusals)
     n_layers: int = 4  # decoder layers
     hidden: int = 256  # residual width
     heads: int = 4  # attention heads (head_dim = hidden / heads)
