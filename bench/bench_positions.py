@@ -1,5 +1,5 @@
 """Answer-position directions and the least-squares edit, alone and together, on the organisms
-that single last-token directions fail: `organism_deep` and `organism_hard`.
+that single last-token directions fail (`organism_deep`, `organism_hard`), and on `organism`.
 
 `python -m bench positions [--seeds=0,1,2] [--families=deep/llama,...] [--no-write] [--merge=dirs]`
 
@@ -32,7 +32,8 @@ RESPONSE_POSITIONS = 8  # answer positions captured for `positions` and `both`, 
 FAMILIES = [OrganismSpec("deep/llama", "organism_deep", "llama", ()),
             OrganismSpec("deep/gemma3", "organism_deep", "gemma3", ()),
             OrganismSpec("hard/llama", "organism_hard", "llama", ()),
-            OrganismSpec("hard/gemma3", "organism_hard", "gemma3", ())]
+            OrganismSpec("hard/gemma3", "organism_hard", "gemma3", ()),
+            OrganismSpec("default/llama", "organism", "llama", ())]  # the new options must not hurt here
 _R = {"collect.response_positions": str(RESPONSE_POSITIONS)}
 ROLES = {"linear": ("saber", {"edit.method": "projection"}),
          "lsq": ("saber", {"edit.method": "lsq"}),

@@ -88,13 +88,18 @@ def capability_subspace(x: torch.Tensor, m: int, *, layer: int = -1,
     centred = x - x.mean(0)
     _, s, vt = torch.linalg.svd(centred, full_matrices=False)
     keep = s > 1e-10 * s[0] if s[0] > 0 else torch.zeros_like(s, dtype=torch.bool)
-    if int(keep.sum()) < m:
-        raise ActivationError(f"layer {layer}, kind 'capability', split '{split}': the centred "
-                              f"capability activations have rank {int(keep.sum())} < entangle.m = {m} "
-                              "(constant or duplicated prompts); lower entangle.m or add "
+    rank = int(keep.sum())
+    if rank == 0:
+        raise ActivationError(f"layer {layer}, kind 'capability', split '{split}': the capability "
+                              "activations are all the same (constant or duplicated prompts); add "
                               "varied capability prompts")
+    if rank < m:
+        # Early layers can map prompts that end alike to identical last-token states: the
+        # subspace is then all the capability variance there is.
+        log.warning("layer %d: the centred capability activations (%s split) have rank %d < entangle.m = %d; "
+                    "that layer's capability subspace has %d directions", layer, split, rank, m, rank)
     variances = s[keep] ** 2 / (x.shape[0] - 1)
-    return CapabilitySubspace(layer=layer, basis=vt[:m], directions=vt[keep], variances=variances)
+    return CapabilitySubspace(layer=layer, basis=vt[:min(m, rank)], directions=vt[keep], variances=variances)
 
 
 def classify(rho: float, tau: float) -> str:

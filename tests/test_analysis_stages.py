@@ -86,13 +86,14 @@ def test_stages_write_their_artifacts_and_rerun_is_a_cache_hit(tmp_path: Path, c
         assert basis.shape == (4, D) and tensors[f"layer{l}.singular_values"].shape == (4,)
         assert torch.allclose(basis @ basis.T, torch.eye(4, dtype=torch.float64), atol=1e-5)
     directions = pd.read_parquet(ext.file("directions.parquet"))
-    assert list(directions.columns) == ["layer", "index", "singular_value", "energy_share",
+    assert list(directions.columns) == ["layer", "index", "position", "singular_value", "energy_share",
                                         "mean_proj_harmful", "mean_proj_harmless"]
+    assert set(directions["position"]) == {-1}  # one captured position: the last prompt token
     assert (directions["mean_proj_harmful"] > directions["mean_proj_harmless"]).all()
 
     ranking = pd.read_parquet(rank.file("ranking.parquet"))
-    assert list(ranking.columns) == ["layer", "index", "fdr", "auc", "p_value", "p_adjusted", "significant",
-                                     "score", "rank", "selected"]
+    assert list(ranking.columns) == ["layer", "index", "position", "fdr", "auc", "p_value", "p_adjusted",
+                                     "significant", "score", "rank", "selected"]
     # top_k = 3 is an upper bound: only pairs that beat the permutation null can be selected
     assert len(ranking) == 16 and 1 <= int(ranking["selected"].sum()) <= 3
     assert ranking.loc[ranking["selected"], "significant"].all()

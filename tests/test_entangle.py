@@ -197,10 +197,14 @@ def test_plan_files_round_trip_through_edit_loader(tmp_path) -> None:
 def test_degenerate_capability_sets() -> None:
     with pytest.raises(ActivationError, match=r"layer 4, kind 'capability', split 'fit'.*need at least 11"):
         capability_subspace(CAP[:8], 10, layer=4)
-    dup = CAP[:3].repeat(10, 1)  # 30 rows, rank 2 after centring
-    with pytest.raises(ActivationError,
-                       match=r"layer 4, kind 'capability', split 'fit'.*rank 2 < entangle.m = 6"):
-        capability_subspace(dup, 6, layer=4)
+    dup = CAP[:3].repeat(10, 1)  # 30 rows, rank 2 after centring: the subspace is those 2 directions
+    sub = capability_subspace(dup, 6, layer=4)
+    assert sub.basis.shape == (2, CAP.shape[1])
+    centred = (dup - dup.mean(0)).double()
+    # float32 activations: the projection reproduces them to float32 rounding
+    torch.testing.assert_close(centred @ sub.basis.T.double() @ sub.basis.double(), centred, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ActivationError, match=r"layer 4, kind 'capability', split 'fit'.*all the same"):
+        capability_subspace(CAP[:1].repeat(12, 1), 6, layer=4)
     bad = CAP.clone()
     bad[7, 1] = float("nan")
     with pytest.raises(ActivationError, match=r"layer 4, kind 'capability', split 'fit'.*NaN or Inf"):
