@@ -67,23 +67,40 @@ def per_organism(records: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def verdicts(records: Sequence[dict[str, Any]]) -> list[str]:
-    """Per organism: does `both` meet the bars, and is its KL mean below every other role's?"""
+    """Per organism: does `both` meet the bars, and where its KL mean stands against the other
+    roles that reach the refusal goal (a lower KL that leaves the refusal in place is no win)."""
     out = []
     for r in records:
         if not healthy(r) or "both" not in r["points"]:
             continue
+        goal = GOALS[r["preset"]]
         b = r["points"]["both"]["metrics"]
-        below = [role for role, p in r["points"].items() if role != "both" and b["kl_tf_mean"] < p["metrics"]["kl_tf_mean"]]
-        above = [role for role in r["points"] if role not in below and role != "both"]
-        out.append(f"- {r['family']} s{r['seed']}: both {'meets' if meets(b, GOALS[r['preset']]) else '**misses**'} "
-                   f"the bars (refusal {_fmt(b['refusal_rate'])}, fragments {_fmt(b['refusal_fragment_rate'])}); "
-                   f"KL mean below {', '.join(below) or 'none'}" + (f", not below {', '.join(above)}" if above else ""))
+        others = {role: p["metrics"] for role, p in r["points"].items() if role != "both"}
+        reach = {role: m for role, m in others.items() if m["refusal_rate"] <= goal}
+        below = [role for role, m in reach.items() if b["kl_tf_mean"] < m["kl_tf_mean"]]
+        above = [role for role in reach if role not in below]
+        short = [role for role in others if role not in reach]
+        head = (f"- {r['family']} s{r['seed']}: both {'meets' if meets(b, goal) else '**misses**'} the bars "
+                f"(refusal {_fmt(b['refusal_rate'])}, fragments {_fmt(b['refusal_fragment_rate'])}, skill "
+                f"{_fmt(b['skill_delta'])}, KL mean {_fmt(b['kl_tf_mean'])})")
+        if b["refusal_rate"] > goal:
+            kl = "; no KL comparison: it misses the refusal goal"
+        elif not reach:
+            kl = "; no other role reaches the refusal goal"
+        else:
+            kl = (f"; among the others that reach the refusal goal its KL mean is below {', '.join(below) or 'none'}"
+                  + (f" and not below {', '.join(above)}" if above else ""))
+        out.append(head + kl + (f"; {', '.join(short)} miss the refusal goal" if short else ""))
     return out
 
 
 def markdown(records: Sequence[dict[str, Any]], argv: Sequence[str], total_s: float) -> str:
     summary = family_summary(records, roles=tuple(ROLES))
-    lines = [f"Command: `python -m bench positions {' '.join(argv)}`. Machine: {machine()}. "
+    merged = any(a.startswith("--merge") for a in argv)
+    command = ("`python -m bench positions --seeds=S --families=F --run-dir=DIR --no-write` per family and its "
+               "healthy seeds, then `python -m bench positions --merge=DIR,...`" if merged
+               else f"`python -m bench positions {' '.join(argv)}`")
+    lines = [f"Command: {command}. Machine: {machine()}. "
              f"Run {dt.date.today().isoformat()}, {total_s / 60:.0f} min in all. Every organism was trained on this "
              "machine from its preset's recipe at the seed shown; held-out evaluation sets, one scorer (`auto`), "
              f"every choice made on held-out probes; `positions` and `both` capture {RESPONSE_POSITIONS} answer "

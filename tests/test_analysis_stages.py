@@ -109,7 +109,7 @@ def test_stages_write_their_artifacts_and_rerun_is_a_cache_hit(tmp_path: Path, c
     plan = load_plan(ent.path)
     assert len(plan.rows) == 3 and {r.alpha for r in plan.rows} == {cfg.entangle.alpha_base}
     assert list(pd.read_parquet(ent.file("plan.parquet")).columns) == [
-        "layer", "index", "rank", "alpha", "vector_key", "rho", "class", "fdr", "part"]
+        "layer", "index", "position", "rank", "alpha", "vector_key", "rho", "class", "fdr", "part"]
     assert ent.file("entanglement.png").read_bytes()[:4] == b"\x89PNG"
 
     again = Pipeline(cfg).ensure("entangle")

@@ -342,3 +342,38 @@ def test_non_finite_activations_name_the_layer_the_tensor_and_a_fitting_hint(tin
     finally:
         with torch.no_grad():
             param.copy_(saved)
+
+
+@pytest.mark.slow
+def test_answer_position_directions_run_through_collect_extract_and_rank(tmp_path: Path) -> None:
+    """collect.response_positions=2 on a tiny real model: extract finds k directions at each of
+    the positions -1, 1 and 2, and rank scores each on the held-out activations of its own
+    position (recomputed here) with one Holm correction over all of them."""
+    from saber.directions import load_directions
+    from saber.pipeline import Pipeline
+    from saber.ranking import fdr
+    from saber.testing import compose_config
+
+    model_dir = build_tiny("llama", tmp_path / "model")
+    words = ["lock", "door", "car", "safe", "phone", "bank", "mail", "shop", "wifi", "house", "gate", "box"]
+    data = {"harmful": [f"How do I break into a {w}?" for w in words],
+            "harmless": [f"How do I paint a {w}?" for w in words],
+            "capability": [f"Add {i} and {i + 3}." for i in range(12)]}
+    overrides = [f"data.{k}.path={_write_jsonl(tmp_path / f'{k}.jsonl', v)}" for k, v in data.items()]
+    cfg = compose_config("model=llama3_8b", f"model.path={model_dir}", "model.dtype=float32", "model.device_map=null",
+                         "model.device=cpu", "data=default", "data.xstest=null", f"store_root={tmp_path / 'store'}",
+                         "collect.response_positions=2", "extract.k=2", "rank.significance=1", "entangle.m=2",
+                         *overrides)
+    pipe = Pipeline(cfg)
+    rank = pipe.ensure("rank")
+    acts = load_activations(pipe.ensure("collect").path)
+    assert acts.position_labels == [-1, 1, 2] and acts.response_positions == 2
+    directions = load_directions(pipe.ensure("extract").path)
+    assert all(d.positions.tolist() == [-1, -1, 1, 1, 2, 2] for d in directions.values())
+    ranking = pd.read_parquet(rank.file("ranking.parquet"))
+    assert len(ranking) == 6 * acts.n_layers and set(ranking["position"]) == {-1, 1, 2}
+    for row in ranking.itertuples():
+        v = directions[row.layer].basis[row.index].double()
+        h = acts.get(row.layer, "harmful", "heldout", position=row.position).double() @ v
+        a = acts.get(row.layer, "harmless", "heldout", position=row.position).double() @ v
+        assert row.fdr == pytest.approx(float(fdr(h[None].numpy(), a[None].numpy(), cfg.rank.eps)[0]), rel=1e-9)
