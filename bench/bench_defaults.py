@@ -132,6 +132,30 @@ def _kl(ratio: Any) -> str:
     return "n/a" if ratio is None else f"{ratio:.2f}x" + ("" if ratio <= 1.05 else " **above**")
 
 
+POINT_COLUMNS = ("refusal_rate", "refusal_fragment_rate", "over_refusal_rate", "skill_delta", "kl_tf_mean",
+                 "kl_tf_p95")  # the per-organism tables of the many-organism benchmarks
+
+
+def point_table(records: Sequence[dict[str, Any]], roles: Sequence[str] | None = None,
+                extra: tuple[str, Any] | None = None) -> list[str]:
+    """Markdown lines, one per healthy organism and role (`roles`, default every role it has):
+    POINT_COLUMNS, then the optional `extra` column (header, fn(record, metrics) -> cell), then
+    the wall time."""
+    head = " | ".join(c.replace("_", " ") for c in POINT_COLUMNS) + (f" | {extra[0]}" if extra else "")
+    lines = [f"| family | seed | method | {head} | wall s |",
+             "|---|---|---|" + "---|" * (len(POINT_COLUMNS) + 1 + bool(extra))]
+    for r in records:
+        if not healthy(r):
+            continue
+        for role in roles or list(r["points"]):
+            point = r["points"][role]
+            m = point["metrics"]
+            cell = f" | {extra[1](r, m)}" if extra else ""
+            lines.append(f"| {r['family']} | {r['seed']} | {role} | " + " | ".join(_fmt(m[c]) for c in POINT_COLUMNS)
+                         + f"{cell} | {_fmt(point['wall_s'])} |")
+    return lines
+
+
 def summary_table(rows: Sequence[dict[str, Any]], cols: Sequence[str], show_skipped: bool = True) -> list[str]:
     """Markdown lines of family_summary rows: median / worst of each column, and the wall time."""
     lines = ["| family | method | seeds | " + " | ".join(c.replace("_", " ") for c in cols) + " | wall s |",

@@ -20,30 +20,13 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Sequence
 
-from bench.bench_defaults import (COLUMNS, GOALS, _fmt, family_summary, healthy, organism_sweep, summary_table,
-                                  write_results)
+from bench.bench_defaults import (COLUMNS, GOALS, _fmt, family_summary, healthy, organism_sweep, point_table,
+                                  summary_table, write_results)
 from bench.bench_quality import machine
 
 TITLE = "Least-squares edit on many organisms"
 ROLES = {"projection": ("saber", {"edit.method": "projection"}), "lsq": ("saber", {"edit.method": "lsq"}),
          "arditi": ("arditi", {})}
-SHOWN = ("refusal_rate", "refusal_fragment_rate", "over_refusal_rate", "skill_delta", "kl_tf_mean", "kl_tf_p95")
-
-
-def per_organism(records: Sequence[dict[str, Any]]) -> list[str]:
-    """One line per healthy organism: projection and lsq side by side, and the KL ratio."""
-    lines = ["| family | seed | method | " + " | ".join(c.replace("_", " ") for c in SHOWN) + " | wall s |",
-             "|---|---|---|" + "---|" * (len(SHOWN) + 1)]
-    for r in records:
-        if not healthy(r):
-            continue
-        for role in ("projection", "lsq"):
-            m = r["points"][role]["metrics"]
-            lines.append(f"| {r['family']} | {r['seed']} | {role} | " + " | ".join(_fmt(m[c]) for c in SHOWN)
-                         + f" | {_fmt(r['points'][role]['wall_s'])} |")
-    return lines
-
-
 def verdicts(records: Sequence[dict[str, Any]]) -> list[str]:
     """Where lsq stands against the projection on each healthy organism."""
     out = []
@@ -68,7 +51,7 @@ def markdown(records: Sequence[dict[str, Any]], argv: Sequence[str], total_s: fl
              "every choice made on held-out probes.", "",
              "Median / worst case over the benchmarked seeds (worst: the highest value, skill: the lowest):", "",
              *summary_table(summary, cols)]
-    lines += ["", "Per organism:", "", *per_organism(records), "", "lsq against the projection:", "", *verdicts(records)]
+    lines += ["", "Per organism:", "", *point_table(records, ("projection", "lsq")), "", "lsq against the projection:", "", *verdicts(records)]
     return "\n".join(lines)
 
 

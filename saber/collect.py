@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -306,6 +307,7 @@ class Activations:
                              f"regenerate it with: {REGENERATE}")
         self._rows = {k: self.prompts[self.prompts["kind"] == k].reset_index(drop=True)
                       for k in self.kinds}
+        self._layer_cache: dict[str, Any] = {}  # "layer" and kind -> tensor of the layer read last
 
     @property
     def prompt_positions(self) -> int:
@@ -336,12 +338,20 @@ class Activations:
         return self._rows[kind]
 
     def tensor(self, layer: int, kind: str) -> torch.Tensor:
-        """All rows of `kind` at `layer`: float32 [n_kind, P, d]."""
+        """All rows of `kind` at `layer`: float32 [n_kind, P, d].
+
+        The tensors of the layer read last are kept, so reading several positions or splits of
+        one layer (extract, rank) reads the file once per layer and kind.
+        """
         if not 0 <= layer < self.n_layers:
             raise IndexError(f"layer {layer} out of range: {self.directory} has layers 0..{self.n_layers - 1}")
         self._kind_rows(kind)
-        with safe_open(str(self.tensors_path), framework="pt") as f:
-            return f.get_tensor(f"layer{layer}.{kind}")
+        if self._layer_cache.get("layer") != layer:
+            self._layer_cache = {"layer": layer}
+        if kind not in self._layer_cache:
+            with safe_open(str(self.tensors_path), framework="pt") as f:
+                self._layer_cache[kind] = f.get_tensor(f"layer{layer}.{kind}")
+        return self._layer_cache[kind]
 
     def get(self, layer: int, kind: str, split: str | None = None, *, position: int = -1) -> torch.Tensor:
         """float32 [n, d] at `layer` for `kind` rows of `split` (None or "all": every row).
@@ -356,7 +366,7 @@ class Activations:
         rows = self.rows(kind, split)
         acts = self.tensor(layer, kind)[:, index, :]
         if len(rows) == acts.shape[0]:
-            return acts
+            return acts.clone()  # the layer's tensor stays cached: hand out a copy
         return acts[torch.tensor(rows.index.tolist(), dtype=torch.long)]
 
 

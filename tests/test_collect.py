@@ -377,3 +377,24 @@ def test_answer_position_directions_run_through_collect_extract_and_rank(tmp_pat
         h = acts.get(row.layer, "harmful", "heldout", position=row.position).double() @ v
         a = acts.get(row.layer, "harmless", "heldout", position=row.position).double() @ v
         assert row.fdr == pytest.approx(float(fdr(h[None].numpy(), a[None].numpy(), cfg.rank.eps)[0]), rel=1e-9)
+
+
+def test_reading_a_layer_again_reads_the_file_once_and_hands_out_copies(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    L, P, d = 2, 3, 4
+    kinds = {"harmful": ["a", "b"], "harmless": ["x", "y"]}
+    acts = {k: torch.randn(L, 2, P, d) for k in kinds}
+    save_activations(tmp_path, acts, _frame(kinds, {k: ["fit", "heldout"] for k in kinds}))
+    loaded = load_activations(tmp_path)
+    opened = []
+    real = collect_mod.safe_open
+    monkeypatch.setattr(collect_mod, "safe_open", lambda *a, **k: (opened.append(a), real(*a, **k))[1])
+    for position in (-3, -2, -1):
+        for split in ("fit", "heldout", None):
+            loaded.get(1, "harmful", split, position=position)
+    assert len(opened) == 1
+    first = loaded.get(1, "harmful", position=-1)
+    first += 100.0
+    torch.testing.assert_close(loaded.get(1, "harmful", position=-1), acts["harmful"][1, :, -1], atol=0, rtol=0)
+    loaded.get(0, "harmful")
+    assert len(opened) == 2

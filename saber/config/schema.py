@@ -114,9 +114,6 @@ class ExtractConfig:
         if self.positions is not None:
             _check(len(self.positions) > 0 and all(int(p) != 0 for p in self.positions), "extract.positions",
                    self.positions, "null (every captured position) or a non-empty list of -P..-1 and 1..R")
-        self._check_method()
-
-    def _check_method(self) -> None:
         _one_of("extract.method", self.method, ("svd", "mean_diff", "lda"))
         _check(self.k >= 1, "extract.k", self.k, "an integer >= 1")
         if self.method in ("mean_diff", "lda"):

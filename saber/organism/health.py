@@ -158,12 +158,14 @@ def _behaviour(model: PreTrainedModel, tok: PreTrainedTokenizerBase, sets: dict[
     }
 
 
-def _scan_bases(h: torch.Tensor, a: torch.Tensor, categories: list[str], k: int) -> dict[str, torch.Tensor]:
-    """The subspaces of one layer's last-token states that the scan ablates, by name."""
+def subspaces(h: torch.Tensor, a: torch.Tensor, categories: list[str], sizes: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """The reference subspaces of one layer's last-token states, by name: the difference of means
+    ("dim"), the top-j SVD directions of H - mean(A) for j in `sizes` ("svd{j}") and, with several
+    categories, one mean difference per category ("percat")."""
     centred = h - a.mean(0)
-    vh = torch.linalg.svd(centred.double(), full_matrices=False).Vh.float()
+    vh = torch.linalg.svd(centred.double(), full_matrices=False).Vh
     bases = {"dim": _orthonormal((h.mean(0) - a.mean(0))[None])}
-    bases.update({f"svd{j}": vh[:j] for j in (2, 4, k)})
+    bases.update({f"svd{j}": vh[:j].float() for j in sizes})
     if len(set(categories)) > 1:
         bases["percat"] = _orthonormal(torch.stack([h[[c == name for c in categories]].mean(0) - a.mean(0)
                                                     for name in sorted(set(categories))]))
@@ -183,7 +185,7 @@ def ablation_scan(model: PreTrainedModel, tok: PreTrainedTokenizerBase, sets: di
     refusal: dict[str, float] = {}
     compliance: dict[str, float] = {}
     for layer in range(h.shape[0]):
-        for name, basis in _scan_bases(h[layer], a[layer], cats, k).items():
+        for name, basis in subspaces(h[layer], a[layer], cats, (2, 4, k)).items():
             with ablated(model, basis):
                 texts = greedy_texts(model, tok, prompts)
             refusal[f"scan_l{layer}_{name}_harmful_refusal"] = truth_refusal_rate(texts)
@@ -207,29 +209,19 @@ def health_check(organism_dir: Path, k_multi: int = 4, variant: str = "default")
     harmful_fit = sets["harmful_fit"]
     h = last_token_states(model, tok, [r["prompt"] for r in harmful_fit])
     a = last_token_states(model, tok, [r["prompt"] for r in sets["harmless_fit"]])
-    diffs = h.mean(1) - a.mean(1)  # [n_layers, d]
+    cats = [r["category"] for r in harmful_fit]
     select = [r["prompt"] for r in harmful_fit[:FIT_SELECT]]
     best, best_rate = 0, 2.0
-    for layer in range(diffs.shape[0]):
-        with ablated(model, _orthonormal(diffs[layer:layer + 1])):
+    for layer in range(h.shape[0]):
+        with ablated(model, _orthonormal((h[layer].mean(0) - a[layer].mean(0))[None])):
             rate = truth_refusal_rate(greedy_texts(model, tok, select))
         if rate < best_rate:
             best, best_rate = layer, rate
     report["ablation_layer"] = float(best)
-    with ablated(model, _orthonormal(diffs[best:best + 1])):
-        report.update(_behaviour(model, tok, sets, "ablated_"))
-
-    # Multi-direction references for the hard preset: top-k SVD of H - mean(A), and per-category means.
-    centred = h[best] - a[best].mean(0)
-    basis = torch.linalg.svd(centred.double(), full_matrices=False).Vh[:k_multi].float()
-    with ablated(model, basis):
-        report.update(_behaviour(model, tok, sets, f"svd{k_multi}_"))
-    cats = sorted({r["category"] for r in harmful_fit})
-    if len(cats) > 1:
-        per_cat = torch.stack([h[best][[r["category"] == c for r in harmful_fit]].mean(0) - a[best].mean(0)
-                               for c in cats])
-        with ablated(model, _orthonormal(per_cat)):
-            report.update(_behaviour(model, tok, sets, "percat_"))
+    # At that layer: one direction, the top-k SVD of H - mean(A), and per-category means.
+    for name, basis in subspaces(h[best], a[best], cats, (k_multi,)).items():
+        with ablated(model, basis):
+            report.update(_behaviour(model, tok, sets, "ablated_" if name == "dim" else f"{name}_"))
     if variant == "deep":
         report.update(ablation_scan(model, tok, sets, h, a))
     return report
