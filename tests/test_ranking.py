@@ -114,6 +114,26 @@ def test_global_topk_selects_best_pairs_and_ranks_all() -> None:
     assert list(out.columns) == ["layer", "index", "fdr", "auc", "p_value", "p_adjusted", "significant", "score",
                                  "rank", "selected"]
 
+def test_global_topk_keeps_top_k_of_each_position_side() -> None:
+    """Answer-position directions that all outscore the prompt-position ones still leave the best
+    top_k prompt-position pairs selected: each side has its own budget."""
+    prompt = _table(n_layers=5, k=3, seed=1).assign(position=-1)
+    answer = _table(n_layers=5, k=3, seed=2).assign(position=2, fdr=lambda t: t["fdr"] + 100.0)
+    answer["index"] += 3
+    t = pd.concat([prompt, answer], ignore_index=True)
+    out = select(t, RankConfig(strategy="global_topk", top_k=4), n_layers=5)
+    picked = out[out["selected"]]
+    assert len(picked) == 8
+    for side, part in ((-1, prompt), (2, answer)):
+        best4 = part.sort_values("fdr", ascending=False).head(4)
+        got = picked[picked["position"] == side]
+        assert set(map(tuple, got[["layer", "index"]].to_numpy().tolist())) == \
+            set(map(tuple, best4[["layer", "index"]].to_numpy().tolist()))
+    # several prompt positions share one budget
+    t2 = t.assign(position=np.where(t["position"] > 0, -2, -1))
+    assert int(select(t2, RankConfig(strategy="global_topk", top_k=4), n_layers=5)["selected"].sum()) == 4
+
+
 
 def test_layer_topk_keeps_all_directions_of_best_layers() -> None:
     t = _table()
