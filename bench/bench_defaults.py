@@ -46,22 +46,28 @@ COLUMNS = ("refusal_rate", "refusal_fragment_rate", "over_refusal_rate", "skill_
 
 
 def bench_one(spec: OrganismSpec, seed: int, run_dir: Path, organism_store: Path,
-              allow_unhealthy: bool = False, roles: dict[str, tuple[str, dict[str, str]]] = ROLES) -> dict[str, Any]:
-    """Every role on one organism (one model load); the roles share the `default` store except `fixed`."""
+              allow_unhealthy: bool = False, roles: dict[str, tuple[str, dict[str, str]]] = ROLES,
+              source: str = "train") -> dict[str, Any]:
+    """Every role on one organism (one model load); the roles share the `default` store except `fixed`.
+
+    source "train": this machine's weights at every seed; "auto": the shipped weights where the
+    recipe matches them (a preset's own seed, Llama-style), the same on every machine."""
     from saber.config import as_plain
     from saber.organism import OrganismRecipe, build_organism
+    from saber.organism.build import HEALTH_FILE
     from saber.pipeline import ModelSession
 
     work = {name: run_dir / f"{spec.family.replace('/', '_')}_s{seed}" / name for name in ("fixed", "default")}
     for path in work.values():
         prepare_store(path, organism_store)  # an empty store whose organism stage is the shared cache
     base = {name: base_overrides(spec, seed, path / "store") for name, path in work.items()}
-    cfg = compose(*base["default"], "model.organism_source=train")
+    cfg = compose(*base["default"], f"model.organism_source={source}")
     recipe = OrganismRecipe.from_mapping(as_plain(cfg.model.organism))
-    organism_dir = Path(build_organism(recipe, organism_store, source="train", allow_unhealthy=True))
+    organism_dir = Path(build_organism(recipe, organism_store, source=source, allow_unhealthy=True))
     health = health_verdict(organism_dir, recipe.variant, run_dir / "health")
     record: dict[str, Any] = {"family": spec.family, "preset": spec.preset, "arch": spec.arch, "seed": seed,
-                              "organism_dir": organism_dir.name, "health": health, "points": {}}
+                              "shipped": not (organism_dir / HEALTH_FILE).is_file(), "organism_dir": organism_dir.name,
+                              "health": health, "points": {}}
     print(f"== {spec.family} seed {seed}: {organism_dir.name}, health "
           f"{'PASS' if health['passed'] else 'FAIL ' + '; '.join(health['failed'])}", flush=True)
     if not health["passed"] and not allow_unhealthy:
@@ -70,7 +76,7 @@ def bench_one(spec: OrganismSpec, seed: int, run_dir: Path, organism_store: Path
     session = ModelSession()
     for role, (method, knobs) in roles.items():
         store = "fixed" if role == "fixed" else "default"
-        overrides = {"model.organism_source": "train", "model.allow_unhealthy": str(allow_unhealthy).lower(), **knobs}
+        overrides = {"model.organism_source": source, "model.allow_unhealthy": str(allow_unhealthy).lower(), **knobs}
         record["points"][role] = run_point(base[store], overrides, session, method, role)
     return record
 
@@ -136,6 +142,11 @@ POINT_COLUMNS = ("refusal_rate", "refusal_fragment_rate", "over_refusal_rate", "
                  "kl_tf_p95")  # the per-organism tables of the many-organism benchmarks
 
 
+def seed_label(record: dict[str, Any]) -> str:
+    """The seed, marked when the organism is the shipped one (the same weights on every machine)."""
+    return f"{record['seed']} (shipped)" if record.get("shipped") else str(record["seed"])
+
+
 def point_table(records: Sequence[dict[str, Any]], roles: Sequence[str] | None = None,
                 extra: tuple[str, Any] | None = None) -> list[str]:
     """Markdown lines, one per healthy organism and role (`roles`, default every role it has):
@@ -151,7 +162,7 @@ def point_table(records: Sequence[dict[str, Any]], roles: Sequence[str] | None =
             point = r["points"][role]
             m = point["metrics"]
             cell = f" | {extra[1](r, m)}" if extra else ""
-            lines.append(f"| {r['family']} | {r['seed']} | {role} | " + " | ".join(_fmt(m[c]) for c in POINT_COLUMNS)
+            lines.append(f"| {r['family']} | {seed_label(r)} | {role} | " + " | ".join(_fmt(m[c]) for c in POINT_COLUMNS)
                          + f"{cell} | {_fmt(point['wall_s'])} |")
     return lines
 
@@ -209,6 +220,9 @@ def organism_sweep(name: str, doc: str, argv: list[str], roles: dict[str, tuple[
     parser.add_argument("--no-write", action="store_true", help="do not update docs/")
     parser.add_argument("--allow-unhealthy", action="store_true",
                         help="also benchmark organisms that fail their health bars (reported apart, outside the goals)")
+    parser.add_argument("--source", default="train", choices=("train", "auto"),
+                        help="train: this machine's weights at every seed; auto: the shipped weights where a "
+                             "preset's own seed matches them (the same on every machine)")
     parser.add_argument("--merge", default=None,
                         help="comma list of finished --run-dir directories: report their records together, run nothing")
     args = parser.parse_args(argv)
@@ -229,7 +243,7 @@ def organism_sweep(name: str, doc: str, argv: list[str], roles: dict[str, tuple[
     for seed in seeds:  # every family's first seed first: a run cut short still covers each family
         for spec in families:
             records.append(bench_one(spec, seed, run_dir, Path(args.organism_store).resolve(), args.allow_unhealthy,
-                                     roles))
+                                     roles, args.source))
             (run_dir / "records.json").write_text(json.dumps(records, indent=2, default=str))
     total = time.perf_counter() - start
     (run_dir / "total_s.json").write_text(json.dumps({"total_s": total}))

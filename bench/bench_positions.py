@@ -25,7 +25,7 @@ import datetime as dt
 from typing import Any, Sequence
 
 from bench.bench_defaults import (COLUMNS, GOALS, _fmt, family_summary, healthy, organism_sweep, point_table,
-                                  summary_table, write_results)
+                                  seed_label, summary_table, write_results)
 from bench.bench_quality import OrganismSpec, machine
 
 TITLE = "Answer positions and lsq on the hard organisms"
@@ -66,7 +66,7 @@ def verdicts(records: Sequence[dict[str, Any]]) -> list[str]:
         below = [role for role, m in reach.items() if b["kl_tf_mean"] < m["kl_tf_mean"]]
         above = [role for role in reach if role not in below]
         short = [role for role in others if role not in reach]
-        head = (f"- {r['family']} s{r['seed']}: both {'meets' if meets(b, goal) else '**misses**'} the bars "
+        head = (f"- {r['family']} s{seed_label(r)}: both {'meets' if meets(b, goal) else '**misses**'} the bars "
                 f"(refusal {_fmt(b['refusal_rate'])}, fragments {_fmt(b['refusal_fragment_rate'])}, skill "
                 f"{_fmt(b['skill_delta'])}, KL mean {_fmt(b['kl_tf_mean'])})")
         if b["refusal_rate"] > goal:

@@ -134,3 +134,39 @@ def test_organism_failing_its_health_bars_is_not_benchmarked(tmp_path, monkeypat
     # asked explicitly (--allow-unhealthy), it runs the methods (stubbed here) and keeps the verdict
     record = bq.bench_organism(bq.ORGANISMS[2], 0, tmp_path / "run", bq.QUICK_GRID, allow_unhealthy=True)
     assert ran[:2] == ["arditi", "saber_default"] and record["points"] and not record["health"]["passed"]
+
+
+def test_many_organism_bench_passes_the_weight_source_through_and_marks_shipped_seeds(tmp_path, monkeypatch) -> None:
+    """`--source=auto` reaches the organism build and every role's run; a record whose organism
+    has no training health file (the shipped weights) is labelled so in the per-point table."""
+    from pathlib import Path
+
+    import bench.bench_defaults as bd
+
+    organism_dir = Path(tmp_path / "organism")
+    organism_dir.mkdir()
+    sources: list[str] = []
+
+    def fake_build(recipe: object, store: object, source: str, **_: object) -> Path:
+        sources.append(source)
+        return organism_dir
+
+    monkeypatch.setattr("saber.organism.build_organism", fake_build)
+    monkeypatch.setattr(bd, "health_verdict", lambda *a, **k: {"passed": True, "report": {}, "failed": []})
+    monkeypatch.setattr("saber.pipeline.ModelSession", lambda: None)
+    runs: list[dict] = []
+
+    def fake_point(base: list, extra: dict, session: object, method: str, role: str) -> dict:
+        runs.append(extra)
+        metrics = {c: 0.0 for c in bd.POINT_COLUMNS}
+        return {"role": role, "method": method, "wall_s": 1.0, "metrics": metrics}
+
+    monkeypatch.setattr(bd, "run_point", fake_point)
+    spec = bd.OrganismSpec("hard/llama", "organism_hard", "llama", ())
+    record = bd.bench_one(spec, 3, tmp_path / "run", tmp_path / "store", roles={"a": ("saber", {})}, source="auto")
+    assert sources == ["auto"] and runs[0]["model.organism_source"] == "auto"
+    assert record["shipped"] and "| hard/llama | 3 (shipped) | a |" in "\n".join(bd.point_table([record]))
+    (organism_dir / "health.json").write_text("{}")  # trained on this machine: carries its health file
+    record = bd.bench_one(spec, 3, tmp_path / "run", tmp_path / "store", roles={"a": ("saber", {})})
+    assert sources[-1] == "train" and not record["shipped"]
+    assert "| hard/llama | 3 | a |" in "\n".join(bd.point_table([record]))
