@@ -223,6 +223,7 @@ def organism_sweep(name: str, doc: str, argv: list[str], roles: dict[str, tuple[
     parser.add_argument("--source", default="train", choices=("train", "auto"),
                         help="train: this machine's weights at every seed; auto: the shipped weights where a "
                              "preset's own seed matches them (the same on every machine)")
+    parser.add_argument("--roles", default=None, help=f"comma list of roles (default: all, {', '.join(roles)})")
     parser.add_argument("--merge", default=None,
                         help="comma list of finished --run-dir directories: report their records together, run nothing")
     args = parser.parse_args(argv)
@@ -236,6 +237,11 @@ def organism_sweep(name: str, doc: str, argv: list[str], roles: dict[str, tuple[
     torch.set_num_threads(1)
     families = [f for f in (families or FAMILIES) if not args.families or f.family in args.families.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    if args.roles:
+        unknown = sorted(set(args.roles.split(",")) - set(roles))
+        if unknown:
+            parser.error(f"--roles: unknown {', '.join(unknown)}; choose from {', '.join(roles)}")
+        roles = {name: spec for name, spec in roles.items() if name in args.roles.split(",")}
     run_dir = Path(args.run_dir or REPO / "outputs" / "bench" / name / f"run-{dt.datetime.now():%Y%m%d-%H%M%S}")
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -133,9 +133,8 @@ class ScalePoint:
     scale: float
     refusal: float
     drift: float
-    phase: str  # "screen": one direction alone at full strength; "add": a direction joined the edit (at
-    # full strength); "skip": one tried and left out; "scale": bisection of the global scale;
-    # "protect": bisection of the lsq protection weight
+    phase: str  # "screen": one direction alone at full strength; "add": the first n directions at full
+    # strength; "scale": bisection of the global scale; "protect": bisection of the lsq protection weight
     protection: Optional[float] = None  # mu of the least-squares edit (None: projection)
 
 
@@ -247,11 +246,9 @@ def choose_edit(evaluate: Any, alphas: Sequence[float], target: float, steps: in
 
     1. "screen": each direction removed alone at full strength; they join in order of the
        refusal left (least first), then drift.
-    2. "add" (forward selection): in that order, each next direction is tried at full strength
-       together with those that joined; it joins only if held-out refusal falls and the drift
-       stays within the budget ("skip" in the trace otherwise), until refusal reaches the target,
-       or the directions run out. A direction that only repeats what the joined ones already
-       remove adds drift and no benefit, so it stays out (the trace shows a miss).
+    2. "add": the first n = 2, 3, ... at full strength until refusal reaches the target within
+       the budget, or the budget is exceeded, or they run out; the point with the least refusal
+       within the budget is kept (the trace shows a miss).
     3. "scale": bisection of the global scale of those directions: the smallest scale that still
        reaches the target, or, when even the kept point is over budget, the largest within it.
 
@@ -274,17 +271,14 @@ def choose_edit(evaluate: Any, alphas: Sequence[float], target: float, steps: in
         raise ValueError("calibration: every direction has strength 0; nothing to calibrate")
     screen = {i: point([i], full([i]), "screen") for i in live}
     order = sorted(live, key=lambda i: (not within(screen[i]), screen[i].refusal, screen[i].drift))
-    members, start, tried = [order[0]], screen[order[0]], []
-    for i in order[1:]:
-        if reached(start) or not within(start):
+    added = [screen[order[0]]]
+    for n in range(2, len(order) + 1):
+        if reached(added[-1]) or not within(added[-1]):
             break
-        candidate = point(members + [i], full(members + [i]), "add")
-        if within(candidate) and candidate.refusal < start.refusal:
-            members, start = members + [i], candidate
-        else:
-            candidate = dataclasses.replace(candidate, phase="skip")
-        tried.append(candidate)
-    trace = [screen[i] for i in live] + tried
+        added.append(point(order[:n], full(order[:n]), "add"))
+    trace = [screen[i] for i in live] + added[1:]
+    start = min([p for p in added if within(p)] or added, key=lambda p: (p.refusal, p.n_directions))
+    members = order[: start.n_directions]
     if reached(start):
         best, more = search_scale(lambda s: point(members, s, "scale"), start, reached, steps, smallest=True)
     elif not within(start):

@@ -65,23 +65,6 @@ def test_choose_edit_adds_the_best_directions_then_lowers_the_scale() -> None:
     assert 0.6 <= best.scale <= 0.6 + 2.0 / 2**6  # the least scale that still removes refusal
 
 
-def test_choose_edit_leaves_out_a_direction_that_removes_nothing_new() -> None:
-    """Forward selection: directions 0 and 1 remove the same half of refusal, 2 the other half.
-    1 screens as well as 0 and comes before 2, yet with 0 in it lowers nothing: it is skipped,
-    and 2 joins."""
-    halves = {0: "a", 1: "a", 2: "b"}
-    drift_of = {0: 0.1, 1: 0.2, 2: 0.3}
-
-    def evaluate(members, scale):
-        covered = {halves[i] for i in members}
-        return 1.0 - 0.5 * len(covered), scale * sum(drift_of[i] for i in members)
-
-    members, best, trace = choose_edit(evaluate, [1.0, 1.0, 1.0], 0.0, steps=0)
-    assert members == [0, 2] and best.refusal == 0.0 and best.drift == pytest.approx(0.4)
-    assert [p.phase for p in trace] == ["screen"] * 3 + ["skip", "add"]
-    assert trace[3].n_directions == 2 and trace[3].refusal == 0.5  # [0, 1] was tried and left out
-
-
 def test_choose_edit_stops_at_the_first_direction_that_suffices_and_reports_a_miss() -> None:
     evaluate, _ = planted_edit({0}, {0: 0.1, 1: 0.0})
     members, best, trace = choose_edit(evaluate, [0.8, 0.8], 0.0, steps=3)
