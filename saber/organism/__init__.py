@@ -1,6 +1,6 @@
 """The built-in model organism: a small chat model with real, ablatable refusal and a skill.
 
-The project trains it on the CPU and ships the trained default and hard organisms with the
+The project trains it on the CPU and ships the trained default, hard and deep organisms with the
 package (16-bit weights, hash-verified), so tests, benchmarks and the demo see the same model on
 every machine, offline. Any other recipe is trained into the artifact store. See docs/ORGANISM.md.
 """
