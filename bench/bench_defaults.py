@@ -26,7 +26,7 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from bench.bench_quality import (DOC, REPO, RESULTS, OrganismSpec, base_overrides, compose, health_verdict,
                                  machine, prepare_store, run_point)
@@ -47,11 +47,13 @@ COLUMNS = ("refusal_rate", "refusal_fragment_rate", "over_refusal_rate", "skill_
 
 def bench_one(spec: OrganismSpec, seed: int, run_dir: Path, organism_store: Path,
               allow_unhealthy: bool = False, roles: dict[str, tuple[str, dict[str, str]]] = ROLES,
-              source: str = "train") -> dict[str, Any]:
+              source: str = "train", after: Optional[Callable[[dict[str, Any], list[str], Any], None]] = None
+              ) -> dict[str, Any]:
     """Every role on one organism (one model load); the roles share the `default` store except `fixed`.
 
     source "train": this machine's weights at every seed; "auto": the shipped weights where the
-    recipe matches them (a preset's own seed, Llama-style), the same on every machine."""
+    recipe matches them (a preset's own seed, Llama-style), the same on every machine.
+    `after(record, base, session)` adds points that are no single configuration (a search)."""
     from saber.config import as_plain
     from saber.organism import OrganismRecipe, build_organism
     from saber.organism.build import HEALTH_FILE
@@ -78,6 +80,8 @@ def bench_one(spec: OrganismSpec, seed: int, run_dir: Path, organism_store: Path
         store = "fixed" if role == "fixed" else "default"
         overrides = {"model.organism_source": source, "model.allow_unhealthy": str(allow_unhealthy).lower(), **knobs}
         record["points"][role] = run_point(base[store], overrides, session, method, role)
+    if after is not None:
+        after(record, [*base["default"], f"model.organism_source={source}"], session)
     return record
 
 
@@ -208,7 +212,8 @@ def markdown(records: Sequence[dict[str, Any]], argv: Sequence[str], total_s: fl
 
 
 def organism_sweep(name: str, doc: str, argv: list[str], roles: dict[str, tuple[str, dict[str, str]]],
-                   write_fn: Any, families: Sequence[OrganismSpec] | None = None) -> None:
+                   write_fn: Any, families: Sequence[OrganismSpec] | None = None,
+                   after: Optional[Callable[[dict[str, Any], list[str], Any], None]] = None) -> None:
     """The command line shared by the many-organism benchmarks (`python -m bench <name>`): every
     role on every family and seed, records saved as they come, then `write_fn(records, argv,
     total_s, no_write)`; with --merge, finished run directories are reported together."""
@@ -249,7 +254,7 @@ def organism_sweep(name: str, doc: str, argv: list[str], roles: dict[str, tuple[
     for seed in seeds:  # every family's first seed first: a run cut short still covers each family
         for spec in families:
             records.append(bench_one(spec, seed, run_dir, Path(args.organism_store).resolve(), args.allow_unhealthy,
-                                     roles, args.source))
+                                     roles, args.source, after))
             (run_dir / "records.json").write_text(json.dumps(records, indent=2, default=str))
     total = time.perf_counter() - start
     (run_dir / "total_s.json").write_text(json.dumps({"total_s": total}))

@@ -13,7 +13,9 @@ choice made on held-out probes:
 3. `positions`: edit.method=projection with directions from the last prompt token and the first
    RESPONSE_POSITIONS answer positions (positions only);
 4. `both`: edit.method=lsq with those directions;
-5. `arditi`: one difference-of-means direction removed everywhere at alpha 1.
+5. `arditi`: one difference-of-means direction removed everywhere at alpha 1;
+6. `kernel`: the kernel Optuna search for as long as `both` took, its trial chosen on held-out
+   probes (the search's own objectives).
 
 Results: docs/bench/positions.json and the section "Answer positions and lsq on the hard
 organisms" of docs/BENCHMARKS.md.
@@ -26,7 +28,7 @@ from typing import Any, Sequence
 
 from bench.bench_defaults import (COLUMNS, GOALS, _fmt, family_summary, healthy, organism_sweep, point_table,
                                   seed_label, summary_table, write_results)
-from bench.bench_quality import OrganismSpec, machine
+from bench.bench_quality import OrganismSpec, kernel_search, machine, select_best
 
 TITLE = "Answer positions and lsq on the hard organisms"
 RESPONSE_POSITIONS = 8  # answer positions captured for `positions` and `both`, tokens
@@ -81,7 +83,7 @@ def verdicts(records: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def markdown(records: Sequence[dict[str, Any]], argv: Sequence[str], total_s: float) -> str:
-    summary = family_summary(records, roles=tuple(ROLES))
+    summary = family_summary(records, roles=(*ROLES, "kernel"))
     merged = any(a.startswith("--merge") for a in argv)
     command = ("`python -m bench positions --seeds=S --families=F --run-dir=DIR --no-write` per family and its "
                "healthy seeds, then `python -m bench positions --merge=DIR,...`" if merged
@@ -104,10 +106,29 @@ def markdown(records: Sequence[dict[str, Any]], argv: Sequence[str], total_s: fl
     return "\n".join(lines)
 
 
+def kernel_role(record: dict[str, Any], base: list[str], session: Any) -> None:
+    """The `kernel` Optuna search (TPE over the kernel preset's space), given the wall time of
+    `both`, and its trial chosen on held-out probes like every other role: the lowest probe KL
+    mean among trials at or below the preset's refusal goal on the probes, else the lowest probe
+    refusal."""
+    from pathlib import Path
+
+    if "both" not in record["points"]:
+        return
+    store = next(o for o in base if o.startswith("store_root=")).removeprefix("store_root=")
+    journal = Path(store).parent / "kernel.journal"
+    trials, elapsed = kernel_search(base, session, record["points"]["both"]["wall_s"], journal)
+    best, _ = select_best([{**t, "metrics": t["probe"]} for t in trials], GOALS[record["preset"]])
+    if best is None:
+        return
+    chosen = next(t for t in trials if t["trial"] == best["trial"])
+    record["points"]["kernel"] = {**chosen, "role": "kernel", "wall_s": elapsed, "n_trials": len(trials)}
+
+
 def main(argv: list[str]) -> None:
-    organism_sweep("positions", __doc__, argv, ROLES, write, FAMILIES)
+    organism_sweep("positions", __doc__, argv, ROLES, write, FAMILIES, after=kernel_role)
 
 
 def write(records: list[dict[str, Any]], argv: Sequence[str], total: float, no_write: bool) -> None:
     write_results("positions", TITLE, markdown(records, argv, total), records, argv, total, no_write,
-                  summary=family_summary(records, roles=tuple(ROLES)))
+                  summary=family_summary(records, roles=(*ROLES, "kernel")))

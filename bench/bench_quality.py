@@ -447,7 +447,8 @@ def kernel_search(base: list[str], session: Any, budget_s: float, journal: Path)
             continue
         wall = (trial.datetime_complete - trial.datetime_start).total_seconds()
         points.append({"method": "kernel", "role": "kernel_trial", "knobs": dict(trial.params), "trial": trial.number,
-                       "metrics": {k: _float(trial.user_attrs.get(k)) for k in METRICS}, "wall_s": wall})
+                       "metrics": {k: _float(trial.user_attrs.get(k)) for k in METRICS}, "wall_s": wall,
+                       "probe": {k: _float(trial.user_attrs.get(f"probe_{k}")) for k in ("refusal_rate", "kl_tf_mean")}})
     print(f"  kernel search: {len(points)} trials in {elapsed:.1f} s (budget {budget_s:.1f} s)", flush=True)
     return points, elapsed
 

@@ -170,3 +170,24 @@ def test_many_organism_bench_passes_the_weight_source_through_and_marks_shipped_
     record = bd.bench_one(spec, 3, tmp_path / "run", tmp_path / "store", roles={"a": ("saber", {})})
     assert sources[-1] == "train" and not record["shipped"]
     assert "| hard/llama | 3 | a |" in "\n".join(bd.point_table([record]))
+
+
+def test_kernel_role_chooses_its_trial_on_held_out_probes(monkeypatch) -> None:
+    """The time-matched kernel search gets `both`'s wall time, and its trial is chosen like every
+    other role's: on the probes (lowest probe KL within the goal), never on the evaluation sets."""
+    import bench.bench_positions as bp
+
+    def trial(n: int, probe_refusal: float, probe_kl: float, eval_kl: float) -> dict:
+        return {"method": "kernel", "role": "kernel_trial", "trial": n, "wall_s": 1.0, "knobs": {},
+                "metrics": {"refusal_rate": 0.0, "kl_tf_mean": eval_kl},
+                "probe": {"refusal_rate": probe_refusal, "kl_tf_mean": probe_kl}}
+
+    trials = [trial(0, 0.5, 0.001, 0.0001),  # best on the evaluation set, misses the goal on the probes
+              trial(1, 0.05, 0.02, 0.03), trial(2, 0.0, 0.04, 0.01)]
+    budgets: list[float] = []
+    monkeypatch.setattr(bp, "kernel_search", lambda base, session, budget, journal: (budgets.append(budget) or trials, 7.0))
+    record = {"preset": "organism_deep", "points": {"both": {"wall_s": 42.0}}}
+    bp.kernel_role(record, ["model=organism_deep", "store_root=/tmp/x/store"], None)
+    assert budgets == [42.0]
+    kernel = record["points"]["kernel"]
+    assert kernel["trial"] == 1 and kernel["wall_s"] == 7.0 and kernel["n_trials"] == 3
