@@ -228,6 +228,8 @@ def organism_sweep(name: str, doc: str, argv: list[str], roles: dict[str, tuple[
     parser.add_argument("--source", default="train", choices=("train", "auto"),
                         help="train: this machine's weights at every seed; auto: the shipped weights where a "
                              "preset's own seed matches them (the same on every machine)")
+    parser.add_argument("--set", default=None, metavar="KEY=VALUE,...",
+                        help="comma list of Hydra overrides applied to every role (an ablation of one knob)")
     parser.add_argument("--roles", default=None, help=f"comma list of roles (default: all, {', '.join(roles)})")
     parser.add_argument("--merge", default=None,
                         help="comma list of finished --run-dir directories: report their records together, run nothing")
@@ -247,6 +249,13 @@ def organism_sweep(name: str, doc: str, argv: list[str], roles: dict[str, tuple[
         if unknown:
             parser.error(f"--roles: unknown {', '.join(unknown)}; choose from {', '.join(roles)}")
         roles = {name: spec for name, spec in roles.items() if name in args.roles.split(",")}
+    if args.set:
+        args.set = args.set.split(",")
+        bad = [o for o in args.set if "=" not in o]
+        if bad:
+            parser.error(f"--set: {' '.join(bad)} is not KEY=VALUE")
+        fixed = dict(o.split("=", 1) for o in args.set)
+        roles = {name: (method, {**knobs, **fixed}) for name, (method, knobs) in roles.items()}
     run_dir = Path(args.run_dir or REPO / "outputs" / "bench" / name / f"run-{dt.datetime.now():%Y%m%d-%H%M%S}")
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -1,7 +1,9 @@
 """Answer-position directions and the least-squares edit, alone and together, on the organisms
 that single last-token directions fail (`organism_deep`, `organism_hard`), and on `organism`.
 
-`python -m bench positions [--seeds=0,1,2] [--families=deep/llama,...] [--no-write] [--merge=dirs]`
+`python -m bench positions [--seeds=0,1,2] [--families=deep/llama,...] [--source=auto] [--roles=lsq,both]
+[--set=KEY=VALUE,...] [--no-write] [--merge=dirs]` (--source=auto: the shipped organisms at their
+presets' seeds; --set: an override for every role)
 
 Per organism (a seed failing its own health bars is reported and not benchmarked), in one store
 and with one model load, every role through the same evaluate stage and scorer (`auto`), every
