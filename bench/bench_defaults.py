@@ -213,10 +213,12 @@ def markdown(records: Sequence[dict[str, Any]], argv: Sequence[str], total_s: fl
 
 def organism_sweep(name: str, doc: str, argv: list[str], roles: dict[str, tuple[str, dict[str, str]]],
                    write_fn: Any, families: Sequence[OrganismSpec] | None = None,
-                   after: Optional[Callable[[dict[str, Any], list[str], Any], None]] = None) -> None:
+                   searches: Optional[dict[str, Callable[[dict[str, Any], list[str], Any], None]]] = None) -> None:
     """The command line shared by the many-organism benchmarks (`python -m bench <name>`): every
     role on every family and seed, records saved as they come, then `write_fn(records, argv,
-    total_s, no_write)`; with --merge, finished run directories are reported together."""
+    total_s, no_write)`; with --merge, finished run directories are reported together.
+    `searches` are roles that are no single configuration: fn(record, base, session) adds its
+    point after the others (bench_one's `after`); --roles selects among them too."""
     parser = argparse.ArgumentParser(prog=f"python -m bench {name}", description=doc.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma list of organism seeds")
     parser.add_argument("--families", default=None, help="comma list of families (default: all four)")
@@ -230,7 +232,9 @@ def organism_sweep(name: str, doc: str, argv: list[str], roles: dict[str, tuple[
                              "preset's own seed matches them (the same on every machine)")
     parser.add_argument("--set", default=None, metavar="KEY=VALUE,...",
                         help="comma list of Hydra overrides applied to every role (an ablation of one knob)")
-    parser.add_argument("--roles", default=None, help=f"comma list of roles (default: all, {', '.join(roles)})")
+    searches = searches or {}
+    parser.add_argument("--roles", default=None,
+                        help=f"comma list of roles (default: all, {', '.join([*roles, *searches])})")
     parser.add_argument("--merge", default=None,
                         help="comma list of finished --run-dir directories: report their records together, run nothing")
     args = parser.parse_args(argv)
@@ -245,10 +249,17 @@ def organism_sweep(name: str, doc: str, argv: list[str], roles: dict[str, tuple[
     families = [f for f in (families or FAMILIES) if not args.families or f.family in args.families.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     if args.roles:
-        unknown = sorted(set(args.roles.split(",")) - set(roles))
+        wanted = args.roles.split(",")
+        unknown = sorted(set(wanted) - set(roles) - set(searches))
         if unknown:
-            parser.error(f"--roles: unknown {', '.join(unknown)}; choose from {', '.join(roles)}")
-        roles = {name: spec for name, spec in roles.items() if name in args.roles.split(",")}
+            parser.error(f"--roles: unknown {', '.join(unknown)}; choose from {', '.join([*roles, *searches])}")
+        roles = {name: spec for name, spec in roles.items() if name in wanted}
+        searches = {name: fn for name, fn in searches.items() if name in wanted}
+
+    def after(record: dict[str, Any], base: list[str], session: Any) -> None:
+        for search in searches.values():
+            search(record, base, session)
+
     if args.set:
         args.set = args.set.split(",")
         bad = [o for o in args.set if "=" not in o]

@@ -128,7 +128,7 @@ def kernel_role(record: dict[str, Any], base: list[str], session: Any) -> None:
 
 
 def main(argv: list[str]) -> None:
-    organism_sweep("positions", __doc__, argv, ROLES, write, FAMILIES, after=kernel_role)
+    organism_sweep("positions", __doc__, argv, ROLES, write, FAMILIES, searches={"kernel": kernel_role})
 
 
 def write(records: list[dict[str, Any]], argv: Sequence[str], total: float, no_write: bool) -> None:
