@@ -91,10 +91,12 @@ def markdown(records: Sequence[dict[str, Any]], argv: Sequence[str], total_s: fl
                "healthy seeds, then `python -m bench positions --merge=DIR,...`" if merged
                else f"`python -m bench positions {' '.join(argv)}`")
     lines = [f"Command: {command}. Machine: {machine()}. "
-             f"Run {dt.date.today().isoformat()}, {total_s / 60:.0f} min in all. Every organism was trained on this "
-             "machine from its preset's recipe at the seed shown; held-out evaluation sets, one scorer (`auto`), "
-             f"every choice made on held-out probes; `positions` and `both` capture {RESPONSE_POSITIONS} answer "
-             "positions.", "",
+             f"Run {dt.date.today().isoformat()}, {total_s / 60:.0f} min in all. Organisms marked (shipped) are the "
+             "package's weights (`--source=auto`), the same on every machine; the others were trained on this machine "
+             "from their preset's recipe at the seed shown. Held-out evaluation sets, one scorer (`auto`), every "
+             f"choice made on held-out probes; `positions` and `both` capture {RESPONSE_POSITIONS} answer positions; "
+             "`kernel` is the kernel Optuna search run for as long as `both` took, its trial chosen on the probes "
+             "(wall s: the whole search).", "",
              "Median / worst case over the benchmarked seeds (worst: the highest value, skill: the lowest):", "",
              *summary_table(summary, list(COLUMNS))]
     lines += ["", f"Per organism (bars: refusal at most the preset's goal, fragments at most "
