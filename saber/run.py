@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from saber.config import SaberConfig, register_configs, validate
 from saber.config.paths import CONF_DIR
+from saber.escalation import escalate
 from saber.iteration import IterationLog, run_iterations
 from saber.stage_names import ANALYSIS_STAGES, STAGE_ORDER
 from saber.errors import reported_errors
@@ -59,7 +60,7 @@ def run_pipeline(cfg: SaberConfig, pipeline: Optional[Pipeline] = None) -> RunRe
     needs_plans = "edit" in cfg.stages or "evaluate" in cfg.stages
     last = 0
     if needs_plans:
-        result.iterations = run_iterations(pipeline, cfg)
+        pipeline, cfg, result.iterations = escalate(pipeline, cfg, run_iterations(pipeline, cfg))
         last = result.iterations.last_iteration
     for stage in wanted_analysis:
         result.artifacts[stage] = pipeline.ensure(stage, last).path

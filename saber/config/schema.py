@@ -274,9 +274,14 @@ class IterateConfig:
     target_refusal: float = 0.0
     stability_cos: float = 0.98
     stability_fdr: float = 0.1
+    escalate_positions: int = 0
+    escalate_above: float = 0.1
 
     def __post_init__(self) -> None:
         _check(self.max_iterations >= 1, "iterate.max_iterations", self.max_iterations, "an integer >= 1")
+        _check(self.escalate_positions >= 0, "iterate.escalate_positions", self.escalate_positions,
+               "an integer >= 0 (0 = never collect answer positions on its own)")
+        _fraction("iterate.escalate_above", self.escalate_above)
         _fraction("iterate.stability_fdr", self.stability_fdr)
         _fraction("iterate.alpha_decay", self.alpha_decay, open_low=True)
         _fraction("iterate.target_refusal", self.target_refusal)
