@@ -211,6 +211,19 @@ def markdown(records: Sequence[dict[str, Any]], argv: Sequence[str], total_s: fl
     return "\n".join(lines)
 
 
+def merge_records(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per organism (family, seed, weights): the roles of runs that benchmarked the same
+    organism with different --roles are joined (a later run's point replaces an earlier one's)."""
+    merged: dict[tuple[str, int, str], dict[str, Any]] = {}
+    for r in records:
+        key = (r["family"], r["seed"], r["organism_dir"])
+        if key in merged:
+            merged[key]["points"].update(r["points"])
+        else:
+            merged[key] = {**r, "points": dict(r["points"])}
+    return list(merged.values())
+
+
 def organism_sweep(name: str, doc: str, argv: list[str], roles: dict[str, tuple[str, dict[str, str]]],
                    write_fn: Any, families: Sequence[OrganismSpec] | None = None,
                    searches: Optional[dict[str, Callable[[dict[str, Any], list[str], Any], None]]] = None) -> None:
@@ -240,7 +253,7 @@ def organism_sweep(name: str, doc: str, argv: list[str], roles: dict[str, tuple[
     args = parser.parse_args(argv)
     if args.merge:
         dirs = [Path(d) for d in args.merge.split(",")]
-        records = [r for d in dirs for r in json.loads((d / "records.json").read_text())]
+        records = merge_records([r for d in dirs for r in json.loads((d / "records.json").read_text())])
         total = sum(json.loads((d / "total_s.json").read_text())["total_s"] for d in dirs)
         return write_fn(records, argv, total, args.no_write)
     import torch

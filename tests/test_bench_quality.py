@@ -191,3 +191,15 @@ def test_kernel_role_chooses_its_trial_on_held_out_probes(monkeypatch) -> None:
     assert budgets == [42.0]
     kernel = record["points"]["kernel"]
     assert kernel["trial"] == 1 and kernel["wall_s"] == 7.0 and kernel["n_trials"] == 3
+
+
+def test_merged_runs_join_the_roles_of_one_organism() -> None:
+    """Two runs of the same organism with different --roles report as one organism with every role;
+    another seed stays apart."""
+    from bench.bench_defaults import merge_records
+
+    def record(seed: int, roles: dict) -> dict:
+        return {"family": "deep/llama", "seed": seed, "organism_dir": f"o{seed}", "points": roles}
+
+    out = merge_records([record(5, {"lsq": 1, "both": 2}), record(7, {"lsq": 3}), record(5, {"default": 4, "both": 5})])
+    assert [(r["seed"], r["points"]) for r in out] == [(5, {"lsq": 1, "both": 5, "default": 4}), (7, {"lsq": 3})]
