@@ -274,7 +274,7 @@ class IterateConfig:
     target_refusal: float = 0.0
     stability_cos: float = 0.98
     stability_fdr: float = 0.1
-    escalate_positions: int = 0
+    escalate_positions: int = 8
     escalate_above: float = 0.1
 
     def __post_init__(self) -> None:
