@@ -203,3 +203,20 @@ def test_merged_runs_join_the_roles_of_one_organism() -> None:
 
     out = merge_records([record(5, {"lsq": 1, "both": 2}), record(7, {"lsq": 3}), record(5, {"default": 4, "both": 5})])
     assert [(r["seed"], r["points"]) for r in out] == [(5, {"lsq": 1, "both": 5, "default": 4}), (7, {"lsq": 3})]
+
+
+def test_verdicts_compare_kl_only_among_roles_that_remove_refusal() -> None:
+    """A role's KL is compared with the others that reach the refusal goal: below (1% or more
+    lower), level (within 1%) or above; a role that leaves refusal is listed as missing the goal."""
+    from bench.bench_positions import verdicts
+
+    def m(refusal: float, kl: float) -> dict:
+        return {"metrics": {"refusal_rate": refusal, "refusal_fragment_rate": refusal, "over_refusal_rate": 0.0,
+                            "skill_delta": 0.0, "kl_tf_mean": kl}, "wall_s": 1.0}
+
+    record = {"family": "deep/llama", "preset": "organism_deep", "seed": 5, "health": {"passed": True},
+              "points": {"default": m(0.0, 0.010), "both": m(0.0, 0.01005), "linear": m(0.0, 0.02),
+                         "positions": m(0.0, 0.005), "arditi": m(0.9, 0.001)}}
+    (line,) = verdicts([record], "default")
+    assert "default meets the bars" in line
+    assert "below linear, level with both, above positions" in line and "arditi miss the refusal goal" in line
