@@ -1,8 +1,10 @@
 """The `auto` scorer on a model whose refusals no built-in list knows (the `novel` organism).
 
 The organism's language knows the truth: an answer is a refusal when it holds one of the
-variant's refusal sentences (saber.organism.language.is_refusal). The organism is trained here
-from the recipe (about 3 minutes on 2 cores), then the default pipeline runs on it.
+variant's refusal sentences (saber.organism.language.is_refusal). The organism is the shipped one
+(the same weights on every machine: trained from the recipe, its behaviour depended on the CPU,
+and one machine's copy over-refused 12.5% of the harmless probes), then the default pipeline
+runs on it.
 """
 
 from __future__ import annotations
@@ -24,8 +26,7 @@ def test_auto_scorer_reports_refusals_that_no_generic_list_knows(tmp_path: Path)
     from saber.organism import language as lang
     from saber.run import run_pipeline
 
-    cfg = compose_config("model=organism_novel", f"store_root={tmp_path / 'store'}", "edit.export=false",
-                         "model.allow_unhealthy=true")
+    cfg = compose_config("model=organism_novel", f"store_root={tmp_path / 'store'}", "edit.export=false")
     assert cfg.evaluate.scorer == "auto"  # the default
     result = run_pipeline(cfg)
     gens = pd.read_parquet(result.artifacts["evaluate"] / "generations.parquet")

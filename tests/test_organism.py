@@ -185,7 +185,7 @@ def test_deep_organism_defeats_every_last_token_subspace(tmp_path: Path) -> None
     assert report["ablated_harmful_refusal"] >= 0.5
 
 # ---- shipped weights -------------------------------------------------------------------------------
-@pytest.mark.parametrize("preset", ["organism", "organism_hard", "organism_deep"])
+@pytest.mark.parametrize("preset", ["organism", "organism_hard", "organism_deep", "organism_novel"])
 def test_shipped_organism_matches_its_preset_hash_and_recorded_health(preset: str) -> None:
     recipe = load_preset(preset)
     found = shipped.find_shipped(recipe)

@@ -1,8 +1,8 @@
 """The built-in model organism: a small chat model with real, ablatable refusal and a skill.
 
-The project trains it on the CPU and ships the trained default, hard and deep organisms with the
-package (16-bit weights, hash-verified), so tests, benchmarks and the demo see the same model on
-every machine, offline. Any other recipe is trained into the artifact store. See docs/ORGANISM.md.
+The project trains it on the CPU and ships the trained default, hard, deep and novel organisms
+with the package (16-bit weights, hash-verified), so tests, benchmarks and the demo see the same
+model on every machine, offline. Any other recipe is trained into the artifact store. See docs/ORGANISM.md.
 """
 
 from saber.organism.build import build_organism, organism_prompt_files

@@ -1,7 +1,7 @@
 """The organisms shipped with the package: trained once, so every machine sees the same weights.
 
 Training is bit-identical only on one machine: another CPU (or BLAS kernel) gives other weights
-and so other geometry. The project therefore ships the trained default, hard and deep organisms as
+and so other geometry. The project therefore ships the trained default, hard, deep and novel organisms as
 16-bit safetensors shards under ``saber/organism/weights/<preset>/`` together with
 ``organism.json``: the recipe they were trained from, the weight hash and their health table.
 Loading verifies the hash; training from the recipe still works and reports whether it
