@@ -62,8 +62,9 @@ def bench_one(spec: OrganismSpec, seed: int, run_dir: Path, organism_store: Path
     work = {name: run_dir / f"{spec.family.replace('/', '_')}_s{seed}" / name for name in ("fixed", "default")}
     for path in work.values():
         prepare_store(path, organism_store)  # an empty store whose organism stage is the shared cache
-    base = {name: base_overrides(spec, seed, path / "store") for name, path in work.items()}
-    cfg = compose(*base["default"], f"model.organism_source={source}")
+    base = {name: [*base_overrides(spec, seed, path / "store"), f"model.organism_source={source}"]
+            for name, path in work.items()}
+    cfg = compose(*base["default"])
     recipe = OrganismRecipe.from_mapping(as_plain(cfg.model.organism))
     organism_dir = Path(build_organism(recipe, organism_store, source=source, allow_unhealthy=True))
     health = health_verdict(organism_dir, recipe.variant, run_dir / "health")
@@ -78,10 +79,10 @@ def bench_one(spec: OrganismSpec, seed: int, run_dir: Path, organism_store: Path
     session = ModelSession()
     for role, (method, knobs) in roles.items():
         store = "fixed" if role == "fixed" else "default"
-        overrides = {"model.organism_source": source, "model.allow_unhealthy": str(allow_unhealthy).lower(), **knobs}
+        overrides = {"model.allow_unhealthy": str(allow_unhealthy).lower(), **knobs}
         record["points"][role] = run_point(base[store], overrides, session, method, role)
     if after is not None:
-        after(record, [*base["default"], f"model.organism_source={source}"], session)
+        after(record, base["default"], session)
     return record
 
 
