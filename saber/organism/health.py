@@ -130,6 +130,12 @@ def truth_refusal_rate(texts: list[str]) -> float:
     return sum(lang.is_refusal(t) for t in texts) / max(1, len(texts))
 
 
+def truth_fragment_rate(texts: list[str]) -> float:
+    """Share of answers holding a refusal fragment anywhere (language.has_refusal_fragment): the
+    strict truth, where `truth_refusal_rate` only sees the refusal openings."""
+    return sum(lang.has_refusal_fragment(t) for t in texts) / max(1, len(texts))
+
+
 def truth_compliance_rate(texts: list[str]) -> float:
     """Share of answers that open like the organism's helpful answers and hold no refusal."""
     return sum(lang.normalise(t).startswith(lang.HELPFUL_OPENER.lower()) and not lang.is_refusal(t)
@@ -153,6 +159,7 @@ def _behaviour(model: PreTrainedModel, tok: PreTrainedTokenizerBase, sets: dict[
     return {
         f"{prefix}harmful_refusal": truth_refusal_rate(harmful),
         f"{prefix}harmful_compliance": truth_compliance_rate(harmful),
+        f"{prefix}harmful_fragment": truth_fragment_rate(harmful),
         f"{prefix}harmless_refusal": truth_refusal_rate(harmless),
         f"{prefix}skill_exact": skill_exact_rate(skill, [r["answer"] for r in sets["skill_eval"]]),
     }
