@@ -31,6 +31,22 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 
 
+# entanglement columns shown; benefit, cost and joined exist in measured / calibrated modes only
+TABLE_COLUMNS = ("layer", "index", "fdr", "rho", "rho_var", "purity", "class", "benefit", "cost", "joined", "alpha")
+
+
+def calibration_section(entangle_dir: Path) -> list[str]:
+    """The calibration trace (every point it evaluated on the held-out probes), when it ran."""
+    path = entangle_dir / "calibration.parquet"
+    if not path.exists():
+        return []
+    trace = pd.read_parquet(path)
+    return ["The calibration on the held-out probes, every point in evaluation order (refusal: harmful "
+            "probes, drift: NLL increase of the model's own answers to harmless probes in nats/token; "
+            "protection: the least-squares weight mu):",
+            markdown_table(trace)]
+
+
 def main(overrides: list[str]) -> None:
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -50,14 +66,15 @@ def main(overrides: list[str]) -> None:
     command = "python scripts/analysis_results.py " + " ".join(overrides)
     body = "\n\n".join([
         HEADING,
-        f"Produced by `{command.strip()}` (default config: svd k = {cfg.extract.k}, global top-k "
-        f"{cfg.rank.top_k}, m = {cfg.entangle.m}, tau = {cfg.entangle.tau}, alpha_base "
-        f"{cfg.entangle.alpha_base}, alpha_entangled {cfg.entangle.alpha_entangled}) on the default organism.",
+        f"Produced by `{command.strip()}` on the default organism (extract {cfg.extract.method} k = "
+        f"{cfg.extract.k}, rank {cfg.rank.strategy} top-k {cfg.rank.top_k}, entangle mode {cfg.entangle.mode}, "
+        f"calibrate {str(cfg.entangle.calibrate).lower()}, edit method {cfg.edit.method}: "
+        f"{'the conf defaults' if not overrides else 'the conf defaults with the overrides above'}).",
         "Per (layer, direction): held-out FDR and AUC, energy share of the SVD, global rank, selection.",
         markdown_table(per_layer),
         "Entanglement of the selected directions and their strengths:",
-        markdown_table(table.sort_values("rank")[["layer", "index", "fdr", "rho", "rho_var", "purity", "class",
-                                                  "alpha"]]),
+        markdown_table(table.sort_values("rank")[[c for c in TABLE_COLUMNS if c in table.columns]]),
+        *calibration_section(art["entangle"]),
         "The edit plan (order of application, strength, part):",
         markdown_table(plan[["rank", "layer", "index", "alpha", "part"]]),
         "![FDR heat map](img/organism_fdr_heatmap.png)",

@@ -129,6 +129,16 @@ def test_same_seed_gives_bit_identical_weights_and_another_seed_does_not(tmp_pat
     assert sha256(a / "model.safetensors") != sha256(c / "model.safetensors")
 
 
+def test_a_changed_language_trains_anew_instead_of_reusing_the_cached_weights(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    first = train_organism(TINY, tmp_path)
+    assert len({lang.language_digest(v) for v in lang.VARIANTS}) == len(lang.VARIANTS)
+    monkeypatch.setattr(lang, "HELPFUL_TEMPLATE", lang.HELPFUL_TEMPLATE.replace("with care", "with great care"))
+    second = train_organism(TINY, tmp_path)
+    assert second != first and first.is_dir()  # a new artifact beside the old one, which is kept
+    assert json.loads((second / "manifest.json").read_text())["stage"] == "organism"
+
+
 def test_second_build_is_a_cache_hit(tmp_path: Path) -> None:
     first = train_organism(TINY, tmp_path)
     manifest = (first / "manifest.json").read_text()
@@ -308,7 +318,7 @@ def test_recipe_trains_a_healthy_default_organism_that_the_defaults_edit(tmp_pat
     # fragments in 0.21 of the answers, the defaults' weight edit in 0.10; on seeds 0-3 of two
     # other machines the defaults left at most 0.010. Tolerance 0.05 (5 of 96 prompts): two
     # different interventions, one greedy answer per prompt each.
-    reference = reports[seed]["ablated_harmful_fragment"]
+    reference = reports[seed]["report"]["ablated_harmful_fragment"]
     generations = pd.read_parquet(Path(summary["artifacts"]["evaluate"]) / "generations.parquet")
     edited = generations[generations["set"] == "harmful"]["edited_response"].tolist()
     assert len(edited) == 96 and truth_fragment_rate(edited) <= reference + 0.05, (reference, headline)

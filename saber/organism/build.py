@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from saber.organism.data import FILE_NAMES, Language, write_prompt_files
+from saber.organism.language import language_digest
 from saber.organism.recipe import OrganismRecipe
 from saber.organism.train import train
 
 STAGE = "organism"
-SCHEMA_VERSION = 2  # 2: health.json measured at build time
+SCHEMA_VERSION = 3  # 2: health.json measured at build time; 3: key holds the language digest, health the fragment rates
 SOURCES = ("auto", "shipped", "train")
 HEALTH_FILE = "health.json"
 
@@ -63,7 +64,7 @@ def train_organism(recipe: OrganismRecipe, store_root: Path | str, *, force: boo
     from saber.store import ArtifactStore
 
     artifact = ArtifactStore(store_root).get_or_build(
-        STAGE, SCHEMA_VERSION, recipe.to_dict(), {}, None,
+        STAGE, SCHEMA_VERSION, {**recipe.to_dict(), "language_sha256": language_digest(recipe.variant)}, {}, None,
         lambda tmp: build_into(recipe, tmp), force=force,
         command="python -m saber.organism --preset <preset> --train --force",
     )

@@ -7,6 +7,7 @@ a benign reading frame, so an edit that damages verb features can damage the ski
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 from dataclasses import dataclass
@@ -212,3 +213,14 @@ def is_refusal(text: str) -> bool:
     if not norm:
         return True
     return any(marker in norm for marker in REFUSAL_MARKERS)
+
+
+def language_digest(variant: str) -> str:
+    """sha256 of everything a variant's prompts and answers are made of (templates, verbs,
+    objects, system prompts, its categories and the shared refusal sentences): part of a trained
+    organism's store key, so that a change to the language trains anew instead of reusing weights
+    trained on other sentences."""
+    content = (OBJECTS, HARMLESS_VERBS, AGENTS, REQUEST_TEMPLATES, HELPFUL_TEMPLATE, RESTATED_OPENING,
+               SKILL_TEMPLATES, SYSTEM_PROMPTS, ALL_REFUSALS, categories(variant))
+    return hashlib.sha256(repr(content).encode("utf-8")).hexdigest()
+
