@@ -134,8 +134,17 @@ class ScalePoint:
     refusal: float
     drift: float
     phase: str  # "screen": one direction alone at full strength; "add": the first n directions at full
-    # strength; "scale": bisection of the global scale; "protect": bisection of the lsq protection weight
+    # strength; "scale": bisection of the global scale; "protect": bisection of the lsq protection weight;
+    # "compare": the least-squares edit as it will be applied, and the projection of the same
+    # directions (full strength, then bisection of its scale), with the capability probes' drift
     protection: Optional[float] = None  # mu of the least-squares edit (None: projection)
+    skill_drift: Optional[float] = None  # "compare": NLL increase of the model's own answers to the
+    # held-out capability probes, nats/token (None: not measured)
+
+    @property
+    def total_drift(self) -> float:
+        """Harmless plus capability probe drift: what the method comparison minimises."""
+        return self.drift + (self.skill_drift or 0.0)
 
 
 def calibrate(model: Any, directions: Sequence[tuple[int, int, torch.Tensor, float]], edit: Callable[[EditPlan], Any],
@@ -183,7 +192,8 @@ def calibrate_table(model: Any, table: pd.DataFrame, bases: Mapping[int, torch.T
                     refusal: Any, drift: OwnAnswers, target: float, steps: int,
                     max_drift: Optional[float] = None,
                     edit_at: Optional[Callable[[float], Callable[[EditPlan], Any]]] = None,
-                    protect_range: tuple[float, float] = (1e-3, 1e3)
+                    protect_range: tuple[float, float] = (1e-3, 1e3), protect_margin: float = 1.0,
+                    compare: Optional["ProjectionCheck"] = None
                     ) -> tuple[pd.DataFrame, ScalePoint, list[ScalePoint]]:
     """The entanglement table with calibrated strengths (`calibrate` on its rows), the chosen point
     and the trace.
@@ -193,6 +203,10 @@ def calibrate_table(model: Any, table: pd.DataFrame, bases: Mapping[int, torch.T
     the largest mu that still reaches the target (or, when the target was missed, the refusal
     reached) is then found (search_protection) instead of a lower global scale: more protection
     is what lowers drift there.
+
+    With `compare` as well, the least-squares edit at that mu / `protect_margin` is weighed against
+    the projection of the same directions (compare_projection); when the projection wins, the
+    chosen point is the projection's (`protection` None).
     """
     table = screen_weights(table)
     directions = [(int(r.layer), int(r.index), bases[int(r.layer)][int(r.index)].float(), float(r.alpha))
@@ -216,7 +230,65 @@ def calibrate_table(model: Any, table: pd.DataFrame, bases: Mapping[int, torch.T
             bar = max(target, chosen.refusal)
             chosen, more = search_protection(at, chosen, lambda p: p.refusal <= bar, steps, protect_range[1])
             trace = trace + more
+        if compare is not None:
+            def point(plan_edit: Callable[[EditPlan], Any], s: float, mu: Optional[float]) -> ScalePoint:
+                return probe_point(model, plan_edit, joined, s, refusal, drift, compare.skill, mu)
+
+            mu = max(protect_range[0], chosen.protection / protect_margin)
+            alternative, more = compare_projection(point, edit_at(mu), compare.projection, chosen.scale, mu,
+                                                   target, steps, max_drift)
+            trace = trace + more
+            if alternative is not None:
+                chosen = alternative
     return with_choice(table, members, chosen.scale), chosen, trace
+
+
+@dataclass(frozen=True)
+class ProjectionCheck:
+    """What calibrate_table needs to weigh the projection against the least-squares edit: the
+    projection's in-memory edit and the model's own answers to the held-out capability probes."""
+
+    projection: Callable[[EditPlan], Any]
+    skill: OwnAnswers
+
+
+def probe_point(model: Any, edit: Callable[[EditPlan], Any], joined: Sequence[tuple[int, int, torch.Tensor, float]],
+                scale: float, refusal: Any, drift: OwnAnswers, skill: OwnAnswers,
+                protection: Optional[float]) -> ScalePoint:
+    """Held-out refusal, harmless drift and capability drift of `joined` at `scale` under `edit`."""
+    handle = edit(scaled_plan(joined, scale))
+    try:
+        return ScalePoint(len(joined), scale, float(refusal(model)), drift.shift(model), "compare", protection,
+                          skill.shift(model))
+    finally:
+        handle.revert()
+
+
+def compare_projection(point: Callable[[Callable[[EditPlan], Any], float, Optional[float]], ScalePoint],
+                       lsq_edit: Callable[[EditPlan], Any], projection: Callable[[EditPlan], Any],
+                       full_scale: float, mu: float, target: float, steps: int,
+                       max_drift: Optional[float] = None) -> tuple[Optional[ScalePoint], list[ScalePoint]]:
+    """The projection of the joined directions when it is the better edit on the probes, else None.
+
+    The least-squares edit is measured as it will be applied (protection `mu`); the projection at
+    full strength, then at the smallest scale that still reaches `target` (search_scale). The
+    projection wins when it reaches the target within `max_drift` with less harmless plus
+    capability drift (ScalePoint.total_drift): the least-squares update trades the protected
+    prompts' outputs against the harmful ones, and on some models that costs capability the
+    projection keeps. `point(edit, scale, mu)` measures one point. Returns the winner and the trace.
+    """
+    def accept(p: ScalePoint) -> bool:
+        return p.refusal <= target and (max_drift is None or p.drift <= max_drift)
+
+    lsq = point(lsq_edit, full_scale, mu)
+    start = point(projection, full_scale, None)
+    if not accept(start):
+        return None, [lsq, start]
+    # drift grows with the scale: once a scale too small to reach the target drifts more than the
+    # least-squares edit, every scale that reaches it does too
+    hopeless = lambda p: not accept(p) and p.total_drift >= lsq.total_drift  # noqa: E731
+    best, more = search_scale(lambda s: point(projection, s, None), start, accept, steps, smallest=True, stop=hopeless)
+    return (best if best.total_drift < lsq.total_drift else None), [lsq, start, *more]
 
 
 def search_protection(evaluate: Any, start: ScalePoint, accept: Any, steps: int,
@@ -288,14 +360,15 @@ def choose_edit(evaluate: Any, alphas: Sequence[float], target: float, steps: in
     return members, best, trace + more
 
 
-def search_scale(evaluate: Any, start: ScalePoint, accept: Any, steps: int,
-                 smallest: bool = True) -> tuple[ScalePoint, list[ScalePoint]]:
+def search_scale(evaluate: Any, start: ScalePoint, accept: Any, steps: int, smallest: bool = True,
+                 stop: Optional[Callable[[ScalePoint], bool]] = None) -> tuple[ScalePoint, list[ScalePoint]]:
     """Bisection of the scale in (0, start.scale], `steps` evaluations of `evaluate(s) -> ScalePoint`.
 
     smallest=True: the smallest accepted scale, `start` being accepted (refusal falls as the scale
     grows, so the least scale that reaches the target is the least-drift one). smallest=False:
     the largest accepted scale, `start` not accepted (drift grows with the scale: the strongest
-    edit within the drift budget); `start` itself when no scale is accepted.
+    edit within the drift budget); `start` itself when no scale is accepted. The search ends early
+    at a point where `stop(point)` holds.
     """
     best, trace, lo, hi = start, [], 0.0, start.scale
     found = smallest
@@ -309,6 +382,8 @@ def search_scale(evaluate: Any, start: ScalePoint, accept: Any, steps: int,
         if accept(point):
             if smallest or not found or point.scale > best.scale:
                 best, found = point, True
+        if stop is not None and stop(point):
+            break
     return best, trace
 
 

@@ -26,7 +26,12 @@ HEADING = "## 4. Results on the default organism"
 
 
 def markdown_table(frame: pd.DataFrame) -> str:
-    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row] for row in frame.itertuples(index=False)]
+    def cell(v: object) -> str:
+        if v is None or (isinstance(v, float) and v != v):  # not measured at that point
+            return "-"
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [[cell(v) for v in row] for row in frame.itertuples(index=False)]
     lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
 
@@ -43,7 +48,8 @@ def calibration_section(entangle_dir: Path) -> list[str]:
     trace = pd.read_parquet(path)
     return ["The calibration on the held-out probes, every point in evaluation order (refusal: harmful "
             "probes, drift: NLL increase of the model's own answers to harmless probes in nats/token; "
-            "protection: the least-squares weight mu):",
+            "protection: the least-squares weight mu, empty for the projection; skill drift: the same "
+            "on the capability probes, measured in the final comparison of the two methods):",
             markdown_table(trace)]
 
 

@@ -46,7 +46,6 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
     decay = 1.0 if cfg.calibrate else ctx.cfg.iterate.alpha_decay ** ctx.iteration
     may_lsq = projection_only(ctx.cfg.edit, cfg.calibrate) is None and not selected.empty
     m = _measuring(ctx, acts, bases, selected) if (cfg.mode == "measured" or cfg.calibrate or may_lsq) else None
-    lsq = m is not None and m.lsq is not None
     effects = measured_effects(ctx, m, acts, bases, selected) if cfg.mode == "measured" else None
     table = entanglement_table(selected, bases, subspaces, cfg, acts.n_layers, decay, effects)
     meta: dict[str, Any] = {}
@@ -56,6 +55,7 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
         meta["calibration"] = {**vars(chosen), "evaluations": len(trace)}
     table.to_parquet(out_dir / ENTANGLEMENT_TABLE, index=False)
     plan, vectors = plan_rows(table[table["alpha"] > 0], bases, subspaces, cfg, decay)
+    lsq = m is not None and m.lsq is not None  # the calibration may have chosen the projection
     deltas = m.lsq.deltas if lsq else None
     save_plan_files(plan, vectors, out_dir, deltas)
     if m is not None:
@@ -105,7 +105,7 @@ def calibrate(ctx: StageContext, m: Any, acts: Any, table: Any, bases: dict) -> 
     from saber.evaluate.reference import generate_responses
     from saber.evaluate.settings import run_settings
     from saber.edit.lsq import PROTECT_RANGE
-    from saber.measured import OwnAnswers, calibrate_table, opening_kept_rate
+    from saber.measured import OwnAnswers, ProjectionCheck, calibrate_table, opening_kept_rate, projection_edit
 
     cfg = ctx.cfg
     settings = run_settings(cfg)
@@ -122,25 +122,37 @@ def calibrate(ctx: StageContext, m: Any, acts: Any, table: Any, bases: dict) -> 
     else:
         score = lambda edited: refusal_rate(edited, tokenizer, harmful, settings, scorer)  # noqa: E731
     search_mu = m.lsq is not None and cfg.edit.lsq.protect_weight is None
+    compare = None
+    if search_mu and cfg.edit.method == "auto" and cfg.edit.lsq.compare_projection:
+        skill = OwnAnswers(model, tokenizer, acts.rows("capability", "heldout")["text"].tolist()[: cfg.entangle.measure_prompts],
+                           **kw)
+        compare = ProjectionCheck(projection_edit(model, m.edit_cfg), skill)
     table, chosen, trace = calibrate_table(model, table, bases, m.edit, score, drift, cfg.iterate.target_refusal,
                                            cfg.entangle.calibrate_steps, cfg.entangle.max_drift,
-                                           m.lsq_edit if search_mu else None, PROTECT_RANGE)
-    if search_mu:
+                                           m.lsq_edit if search_mu else None, PROTECT_RANGE,
+                                           cfg.edit.lsq.protect_margin, compare)
+    if search_mu and chosen.protection is None:
+        lsq_point = next(p for p in trace if p.phase == "compare" and p.protection is not None)
+        m.lsq, m.edit, m.method = None, projection_edit(model, m.edit_cfg), "projection"
+        m.method_reason = (f"edit.method=auto: on the held-out probes the projection reached the target with less "
+                           f"harmless + capability drift ({chosen.total_drift:.4g} against lsq's "
+                           f"{lsq_point.total_drift:.4g} nats/token)")
+    elif search_mu:
         # a margin below the edge found on the probes (never below the search's low end)
         margin = max(PROTECT_RANGE[0], chosen.protection / cfg.edit.lsq.protect_margin)
         m.lsq = m.lsq.with_protection(margin)
         log.info("lsq protection: %.3g reached the target on the held-out probes; the edit uses %.3g",
                  chosen.protection, margin)
     for p in trace:
-        log.info("calibration (%s): %d direction(s) at scale %.4f%s -> held-out refusal %.3f, drift %.4f nats/token",
+        log.info("calibration (%s): %d direction(s) at scale %.4f%s -> held-out refusal %.3f, drift %.4f nats/token%s",
                  p.phase, p.n_directions, p.scale, "" if p.protection is None else f", protection {p.protection:.3g}",
-                 p.refusal, p.drift)
+                 p.refusal, p.drift, "" if p.skill_drift is None else f", capability drift {p.skill_drift:.4f}")
     return table, chosen, trace
 
 
 # measured mode and calibration remove directions with the edit's own writer settings and score
 # refusal with the evaluation's scorer, so those keys are part of this stage's fingerprint
-SPEC = StageSpec(name="entangle", schema_version=5,
+SPEC = StageSpec(name="entangle", schema_version=6,
                  config_keys=("entangle", "iterate.alpha_decay", "iterate.target_refusal", "edit.scope",
                               "edit.roles", "edit.sandwich_correction", "edit.dtype_compute", "edit.method", "edit.lsq",
                               "edit.norm_preserving",

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saber.measured import (ScalePoint, choose_edit, measured_strength, screen_weights, search_protection, search_scale,
-                            with_choice)
+from saber.measured import (ScalePoint, choose_edit, compare_projection, measured_strength, screen_weights,
+                            search_protection, search_scale, with_choice)
 
 
 def test_strength_is_continuous_in_cost_per_benefit() -> None:
@@ -105,6 +105,48 @@ def test_protection_search_finds_the_largest_weight_that_still_reaches_the_targe
     assert never is start  # nothing above the start reaches the target: the start stays
 
 
+def planted_methods(lsq_total: float, lsq_refusal: float = 0.0) -> tuple:
+    """Two planted edits: the least-squares one at a fixed point, the projection with refusal
+    falling linearly to 0 at scale 0.6 and drift s^2 / 10 split 1:1 between harmless and capability."""
+    calls: list[tuple[str, float]] = []
+    lsq, projection = object(), object()
+
+    def point(edit: object, s: float, mu: float | None) -> ScalePoint:
+        calls.append(("lsq" if edit is lsq else "projection", s))
+        if edit is lsq:
+            return ScalePoint(1, s, lsq_refusal, lsq_total / 2, "compare", mu, lsq_total / 2)
+        return ScalePoint(1, s, max(0.0, 1.0 - s / 0.6), s**2 / 20, "compare", None, s**2 / 20)
+
+    return point, lsq, projection, calls
+
+
+def test_method_comparison_keeps_the_projection_only_when_it_drifts_less_at_the_target() -> None:
+    """Planted: the projection reaches refusal 0 from scale 0.6 on, with total drift s^2 / 10
+    (0.036 at the edge). Against a least-squares edit drifting 0.1 it wins, at its smallest scale
+    that reaches the target (bisection: 6 steps over (0, 1] land within 1/64 above 0.6); against
+    one drifting 0.01 it loses and the search stops at the first too-small scale that already
+    drifts more (drift grows with the scale)."""
+    point, lsq, projection, calls = planted_methods(0.1)
+    best, trace = compare_projection(point, lsq, projection, 1.0, 0.05, 0.0, 6)
+    assert best is not None and best.protection is None and best.refusal == 0.0
+    assert 0.6 <= best.scale <= 0.6 + 1 / 64 and best.total_drift == pytest.approx(best.scale**2 / 10)
+    assert [p.protection for p in trace[:1]] == [0.05] and len(trace) == 2 + 6 and calls[0] == ("lsq", 1.0)
+    assert all(p.skill_drift is not None for p in trace)
+
+    point, lsq, projection, calls = planted_methods(0.01)
+    best, trace = compare_projection(point, lsq, projection, 1.0, 0.05, 0.0, 6)
+    # scale 0.5 misses the target and already drifts 0.025 > 0.01: no smaller drift can reach it
+    assert best is None and [s for _, s in calls] == [1.0, 1.0, 0.5] and len(trace) == 3
+
+    # a projection that cannot reach the target at full strength is never chosen, however little it drifts
+    point, lsq, projection, calls = planted_methods(0.1)
+    best, trace = compare_projection(point, lsq, projection, 0.5, 0.05, 0.0, 6)
+    assert best is None and len(calls) == 2
+    # nor one over the drift budget (harmless drift s^2 / 20 > 0.001 at every reaching scale)
+    point, lsq, projection, calls = planted_methods(0.1)
+    assert compare_projection(point, lsq, projection, 1.0, 0.05, 0.0, 6, max_drift=0.001)[0] is None
+
+
 def test_calibration_bookkeeping_screens_unmeasured_rows_and_writes_back_the_choice() -> None:
     """Rows come back in rank order; a 0 strength is screened at the weakest measured strength;
     only the chosen members keep a strength, weight x scale capped at 1."""
@@ -158,7 +200,8 @@ def test_default_run_on_the_shipped_organism_calibrates_itself(organism_store: P
     protect = lsq_trace[lsq_trace["phase"] == "protect"]
     assert len(protect) == lsq_cfg.entangle.calibrate_steps and (lsq_entangle / "lsq.safetensors").is_file()
     mu = json.loads((lsq_entangle / "manifest.json").read_text())["meta"]["lsq_protect_weight"]
-    bar = max(lsq_cfg.iterate.target_refusal, lsq_trace.loc[lsq_trace["phase"] != "protect", "refusal"].min())
+    bar = max(lsq_cfg.iterate.target_refusal,
+              lsq_trace.loc[lsq_trace["phase"].isin(["screen", "add"]), "refusal"].min())
     reached = protect.loc[protect["refusal"] <= bar, "protection"]
     edge = reached.max() if len(reached) else 1e-3  # nothing reached: the search's low end stays
     assert mu == pytest.approx(max(1e-3, edge / lsq_cfg.edit.lsq.protect_margin))
@@ -166,6 +209,34 @@ def test_default_run_on_the_shipped_organism_calibrates_itself(organism_store: P
     assert lsq_headline["refusal_rate"] <= 0.02 and lsq_headline["skill_delta"] >= -0.02
     assert lsq_headline["over_refusal_rate"] <= 0.02
     assert lsq_headline["kl_tf_mean"] < headline["kl_tf_mean"]
+    # the method comparison measured both edits with the capability probes and kept lsq, whose
+    # probe drift is lower (measured: 0.0002 against the projection's 0.021 nats/token)
+    compare = lsq_trace[lsq_trace["phase"] == "compare"]
+    lsq_point = compare[compare["protection"].notna()].iloc[0]
+    assert compare["skill_drift"].notna().all() and lsq_point["protection"] == pytest.approx(mu)
+
+    # With the least-squares edit at the low end of its protection (a margin no edge survives) it
+    # drifts about as much as the projection at full strength, and the projection at its smallest
+    # scale that reaches the target drifts less on the probes (measured: 0.0211 against 0.0221
+    # nats/token; the shipped weights are fixed, so only float rounding differs between
+    # machines, far below that 5% gap): the run edits by projection, with that scale.
+    weak_cfg = compose_config(f"store_root={organism_store}", "edit.export=false", "edit.lsq.protect_margin=1e6")
+    weak = run_pipeline(weak_cfg)
+    weak_entangle = weak.artifacts["entangle"]
+    meta = json.loads((weak_entangle / "manifest.json").read_text())["meta"]
+    trace = pd.read_parquet(weak_entangle / "calibration.parquet")
+    compare = trace[trace["phase"] == "compare"]
+    lsq_point = compare[compare["protection"].notna()].iloc[0]
+    reached = compare[compare["protection"].isna() & (compare["refusal"] <= weak_cfg.iterate.target_refusal)]
+    best = reached.loc[(reached["drift"] + reached["skill_drift"]).idxmin()]
+    assert lsq_point["protection"] == pytest.approx(1e-3)
+    assert best["drift"] + best["skill_drift"] < lsq_point["drift"] + lsq_point["skill_drift"]
+    assert meta["edit_method"]["method"] == "projection" and "lsq_protect_weight" not in meta
+    assert not (weak_entangle / "lsq.safetensors").exists()
+    assert meta["calibration"]["protection"] is None and meta["calibration"]["scale"] == pytest.approx(best["scale"])
+    weak_plan = pd.read_parquet(weak_entangle / "plan.parquet")
+    assert (weak_plan["alpha"] < 1).all()  # the projection's scale, below full strength
+    assert weak.summary["headline"]["refusal_rate"] <= 0.02
 
 
 @pytest.mark.slow

@@ -38,6 +38,9 @@ class LsqConfig:
         of the harmful prompts and answers counts the same).
     max_memory_gib: with edit.method=auto, lsq is used when its writer moments and weight copies
         (float64) fit in this many GiB, else the projection.
+    compare_projection: with edit.method=auto and mu calibrated, also calibrate the projection of
+        the same directions and keep it when it reaches the target with less drift on the held-out
+        harmless and capability probes (saber.measured.compare_projection).
     """
 
     null_eps: float = 1.0
@@ -47,6 +50,7 @@ class LsqConfig:
     protect_prompts: int = 128
     max_memory_gib: float = 8.0
     focus: bool = False
+    compare_projection: bool = True
 
     def __post_init__(self) -> None:
         check(0.0 < self.null_eps <= 1.0, "edit.lsq.null_eps", self.null_eps, "a number in (0, 1]")
