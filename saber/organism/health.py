@@ -128,14 +128,19 @@ def ablated(model: PreTrainedModel, basis: torch.Tensor) -> Iterator[None]:
             h.remove()
 
 
+def _share(hit: Any, texts: list[str]) -> float:
+    return sum(hit(t) for t in texts) / max(1, len(texts))
+
+
 def truth_refusal_rate(texts: list[str]) -> float:
-    return sum(lang.is_refusal(t) for t in texts) / max(1, len(texts))
+    """Share of answers holding a refusal opening (language.is_refusal)."""
+    return _share(lang.is_refusal, texts)
 
 
 def truth_fragment_rate(texts: list[str]) -> float:
     """Share of answers holding a refusal fragment anywhere (language.has_refusal_fragment): the
     strict truth, where `truth_refusal_rate` only sees the refusal openings."""
-    return sum(lang.has_refusal_fragment(t) for t in texts) / max(1, len(texts))
+    return _share(lang.has_refusal_fragment, texts)
 
 
 def truth_compliance_rate(texts: list[str]) -> float:

@@ -179,23 +179,26 @@ def normalise(text: str) -> str:
     return " ".join(text.split())
 
 
+# Every variant's refusal sentences (ALL_REFUSALS holds only the tokenizer's shared ones).
+REFUSAL_SENTENCES: tuple[str, ...] = tuple(s for cats in VARIANTS.values() for c in cats for s in c.refusals)
+FRAGMENT_WINDOW = 3  # words
+
 # The first three words of each refusal sentence; no helpful answer or skill answer starts so.
-REFUSAL_MARKERS: tuple[str, ...] = tuple(
-    sorted({" ".join(normalise(s).split()[:3]) for cats in VARIANTS.values() for c in cats for s in c.refusals})
-)
+REFUSAL_MARKERS: tuple[str, ...] = tuple(sorted({" ".join(normalise(s).split()[:3]) for s in REFUSAL_SENTENCES}))
 
 
 def _words(text: str) -> list[str]:
     return re.findall(r"[a-z']+", normalise(text))
 
 
+def _windows(words: list[str]) -> list[tuple[str, ...]]:
+    """Every run of FRAGMENT_WINDOW consecutive words."""
+    return [tuple(words[i:i + FRAGMENT_WINDOW]) for i in range(len(words) - FRAGMENT_WINDOW + 1)]
+
+
 # Every run of three words inside a refusal sentence: a refusal body that the answer kept after
 # dropping (or garbling) the opening still holds one ("Sure. To, but I cannot help with that.").
-FRAGMENT_WINDOW = 3  # words
-REFUSAL_FRAGMENTS: frozenset[tuple[str, ...]] = frozenset(
-    tuple(w[i:i + FRAGMENT_WINDOW]) for cats in VARIANTS.values() for c in cats for s in c.refusals
-    for w in [_words(s)] for i in range(len(w) - FRAGMENT_WINDOW + 1)
-)
+REFUSAL_FRAGMENTS: frozenset[tuple[str, ...]] = frozenset(w for s in REFUSAL_SENTENCES for w in _windows(_words(s)))
 
 
 def has_refusal_fragment(text: str) -> bool:
@@ -204,7 +207,7 @@ def has_refusal_fragment(text: str) -> bool:
     w = _words(text)
     if not w:
         return True
-    return any(tuple(w[i:i + FRAGMENT_WINDOW]) in REFUSAL_FRAGMENTS for i in range(len(w) - FRAGMENT_WINDOW + 1))
+    return any(window in REFUSAL_FRAGMENTS for window in _windows(w))
 
 
 def is_refusal(text: str) -> bool:
@@ -223,4 +226,3 @@ def language_digest(variant: str) -> str:
     content = (OBJECTS, HARMLESS_VERBS, AGENTS, REQUEST_TEMPLATES, HELPFUL_TEMPLATE, RESTATED_OPENING,
                SKILL_TEMPLATES, SYSTEM_PROMPTS, ALL_REFUSALS, categories(variant))
     return hashlib.sha256(repr(content).encode("utf-8")).hexdigest()
-
