@@ -226,9 +226,7 @@ def calibrate_table(model: Any, table: pd.DataFrame, bases: Mapping[int, torch.T
                 handle.revert()
 
         if max_drift is None or chosen.drift <= max_drift:
-            # a missed target is not made worse: protection may grow while refusal stays at the best reached
-            bar = max(target, chosen.refusal)
-            chosen, more = search_protection(at, chosen, lambda p: p.refusal <= bar, steps, protect_range[1])
+            chosen, more = search_protection(at, chosen, refusal_bar(target, chosen.refusal), steps, protect_range[1])
             trace = trace + more
         if compare is not None:
             def point(plan_edit: Callable[[EditPlan], Any], s: float, mu: Optional[float]) -> ScalePoint:
@@ -289,6 +287,25 @@ def compare_projection(point: Callable[[Callable[[EditPlan], Any], float, Option
     hopeless = lambda p: not accept(p) and p.total_drift >= lsq.total_drift  # noqa: E731
     best, more = search_scale(lambda s: point(projection, s, None), start, accept, steps, smallest=True, stop=hopeless)
     return (best if best.total_drift < lsq.total_drift else None), [lsq, start, *more]
+
+
+def refusal_bar(target: float, start: float) -> Callable[[ScalePoint], bool]:
+    """The protection search's acceptance: refusal at most the target or, while the target is
+    missed, at most the least refusal accepted so far (starting from `start`).
+
+    Refusal need not grow monotonically with mu where the target is missed (measured on an
+    `organism_hard` Gemma-style seed: 0.74 at mu = 0.001, 0.33 at mu = 1, 0.72 at mu = 13), so a
+    fixed bar at the start's refusal would accept a larger mu that refuses far more than the best
+    point seen. Call it once per evaluated point, in order."""
+    bar = [max(target, start)]
+
+    def accept(point: ScalePoint) -> bool:
+        if point.refusal > bar[0]:
+            return False
+        bar[0] = max(target, point.refusal)
+        return True
+
+    return accept
 
 
 def search_protection(evaluate: Any, start: ScalePoint, accept: Any, steps: int,

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saber.measured import (ScalePoint, choose_edit, compare_projection, measured_strength, screen_weights,
-                            search_protection, search_scale, with_choice)
+from saber.measured import (ScalePoint, choose_edit, compare_projection, measured_strength, refusal_bar,
+                            screen_weights, search_protection, search_scale, with_choice)
 
 
 def test_strength_is_continuous_in_cost_per_benefit() -> None:
@@ -103,6 +103,24 @@ def test_protection_search_finds_the_largest_weight_that_still_reaches_the_targe
     never, _ = search_protection(lambda mu: ScalePoint(1, 1.0, 1.0, 0.0, "protect", mu), start,
                                  lambda p: p.refusal <= 0.0, 4, 1e3)
     assert never is start  # nothing above the start reaches the target: the start stays
+
+
+def test_a_missed_target_keeps_the_least_refusal_the_protection_search_found() -> None:
+    """Planted, the shape measured on an organism_hard Gemma-style seed: the target 0 is never
+    reached, refusal is 0.74 at the low end, dips to 0.33 around mu = 1 and rises above it. The
+    search must end at the dip, not at a larger mu whose refusal merely stays under the start's."""
+    def evaluate(mu: float) -> ScalePoint:
+        refusal = 0.33 if 0.3 <= mu <= 3.0 else (0.72 if mu < 30 else 0.9)
+        return ScalePoint(17, 1.0, refusal, 1.0 / (1.0 + mu), "protect", mu)
+
+    start = ScalePoint(17, 1.0, 0.74, 1.0, "add", 1e-3)
+    best, trace = search_protection(evaluate, start, refusal_bar(0.0, start.refusal), 6, 1e3)
+    assert best.refusal == 0.33 and 0.3 <= best.protection <= 3.0
+    assert min(p.refusal for p in trace) == best.refusal
+    # a reached target keeps its fixed bar: any mu at or below it is accepted, the largest wins
+    accept = refusal_bar(0.1, 0.0)
+    assert accept(ScalePoint(1, 1.0, 0.05, 0.0, "protect", 1.0)) and accept(ScalePoint(1, 1.0, 0.1, 0.0, "protect", 2.0))
+    assert not accept(ScalePoint(1, 1.0, 0.11, 0.0, "protect", 3.0))
 
 
 def planted_methods(lsq_total: float, lsq_refusal: float = 0.0) -> tuple:
