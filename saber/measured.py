@@ -200,9 +200,9 @@ def calibrate_table(model: Any, table: pd.DataFrame, bases: Mapping[int, torch.T
 
     With `edit_at(mu) -> edit` (the least-squares edit with a protection weight to find), `edit`
     is that edit at the low end of `protect_range`; the directions are chosen at full strength and
-    the largest mu that still reaches the target (or, when the target was missed, the refusal
-    reached) is then found (search_protection) instead of a lower global scale: more protection
-    is what lowers drift there.
+    the largest mu that still reaches the target (or, when the target was missed, refuses no more
+    than the least refusal seen: refusal_bar) is then found (search_protection) instead of a lower
+    global scale: more protection is what lowers drift there.
 
     With `compare` as well, the least-squares edit at that mu / `protect_margin` is weighed against
     the projection of the same directions (compare_projection); when the projection wins, the
@@ -232,13 +232,19 @@ def calibrate_table(model: Any, table: pd.DataFrame, bases: Mapping[int, torch.T
             def point(plan_edit: Callable[[EditPlan], Any], s: float, mu: Optional[float]) -> ScalePoint:
                 return probe_point(model, plan_edit, joined, s, refusal, drift, compare.skill, mu)
 
-            mu = max(protect_range[0], chosen.protection / protect_margin)
+            mu = margin_protection(chosen.protection, protect_margin, protect_range[0])
             alternative, more = compare_projection(point, edit_at(mu), compare.projection, chosen.scale, mu,
                                                    target, steps, max_drift)
             trace = trace + more
             if alternative is not None:
                 chosen = alternative
     return with_choice(table, members, chosen.scale), chosen, trace
+
+
+def margin_protection(edge: float, margin: float, low: float) -> float:
+    """The mu the edit uses: the edge found on the probes divided by the margin (the edge does not
+    carry over to new prompts), never below the search's low end."""
+    return max(low, edge / margin)
 
 
 @dataclass(frozen=True)
@@ -282,9 +288,12 @@ def compare_projection(point: Callable[[Callable[[EditPlan], Any], float, Option
     start = point(projection, full_scale, None)
     if not accept(start):
         return None, [lsq, start]
-    # drift grows with the scale: once a scale too small to reach the target drifts more than the
-    # least-squares edit, every scale that reaches it does too
-    hopeless = lambda p: not accept(p) and p.total_drift >= lsq.total_drift  # noqa: E731
+
+    def hopeless(p: ScalePoint) -> bool:
+        # drift grows with the scale: once a scale too small to reach the target drifts more than
+        # the least-squares edit, every scale that reaches it does too
+        return not accept(p) and p.total_drift >= lsq.total_drift
+
     best, more = search_scale(lambda s: point(projection, s, None), start, accept, steps, smallest=True, stop=hopeless)
     return (best if best.total_drift < lsq.total_drift else None), [lsq, start, *more]
 
@@ -417,10 +426,18 @@ class Measuring:
     lsq: Any = None  # the LsqEditor when the run edits by least squares
     method: str = "projection"
     method_reason: str = "edit.method=projection"
+    _last: Any = None  # (mu, editor) of the last lsq_at call: its input maps are solved once
+
+    def lsq_at(self, protect_weight: float) -> Any:
+        """The least-squares editor at another protection weight. The last one is kept, so the
+        point the calibration compares last is not solved again when the edit adopts it."""
+        if self._last is None or self._last[0] != protect_weight:
+            self._last = (protect_weight, self.lsq.with_protection(protect_weight))
+        return self._last[1]
 
     def lsq_edit(self, protect_weight: Optional[float] = None) -> Callable[[EditPlan], Any]:
         """The in-memory least-squares edit, at the editor's protection weight or another one."""
-        editor = self.lsq if protect_weight is None else self.lsq.with_protection(protect_weight)
+        editor = self.lsq if protect_weight is None else self.lsq_at(protect_weight)
         return lambda plan: apply_plan(self.model, editor.with_deltas(plan), self.edit_cfg)
 
 

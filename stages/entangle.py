@@ -105,7 +105,8 @@ def calibrate(ctx: StageContext, m: Any, acts: Any, table: Any, bases: dict) -> 
     from saber.evaluate.reference import generate_responses
     from saber.evaluate.settings import run_settings
     from saber.edit.lsq import PROTECT_RANGE
-    from saber.measured import OwnAnswers, ProjectionCheck, calibrate_table, opening_kept_rate, projection_edit
+    from saber.measured import (OwnAnswers, ProjectionCheck, calibrate_table, margin_protection, opening_kept_rate,
+                                projection_edit)
 
     cfg = ctx.cfg
     settings = run_settings(cfg)
@@ -122,25 +123,25 @@ def calibrate(ctx: StageContext, m: Any, acts: Any, table: Any, bases: dict) -> 
     else:
         score = lambda edited: refusal_rate(edited, tokenizer, harmful, settings, scorer)  # noqa: E731
     search_mu = m.lsq is not None and cfg.edit.lsq.protect_weight is None
+    projection = projection_edit(model, m.edit_cfg)
     compare = None
     if search_mu and cfg.edit.method == "auto" and cfg.edit.lsq.compare_projection:
         skill = OwnAnswers(model, tokenizer, acts.rows("capability", "heldout")["text"].tolist()[: cfg.entangle.measure_prompts],
                            **kw)
-        compare = ProjectionCheck(projection_edit(model, m.edit_cfg), skill)
+        compare = ProjectionCheck(projection, skill)
     table, chosen, trace = calibrate_table(model, table, bases, m.edit, score, drift, cfg.iterate.target_refusal,
                                            cfg.entangle.calibrate_steps, cfg.entangle.max_drift,
                                            m.lsq_edit if search_mu else None, PROTECT_RANGE,
                                            cfg.edit.lsq.protect_margin, compare)
     if search_mu and chosen.protection is None:
         lsq_point = next(p for p in trace if p.phase == "compare" and p.protection is not None)
-        m.lsq, m.edit, m.method = None, projection_edit(model, m.edit_cfg), "projection"
+        m.lsq, m.edit, m.method = None, projection, "projection"
         m.method_reason = (f"edit.method=auto: on the held-out probes the projection reached the target with less "
                            f"harmless + capability drift ({chosen.total_drift:.4g} against lsq's "
                            f"{lsq_point.total_drift:.4g} nats/token)")
     elif search_mu:
-        # a margin below the edge found on the probes (never below the search's low end)
-        margin = max(PROTECT_RANGE[0], chosen.protection / cfg.edit.lsq.protect_margin)
-        m.lsq = m.lsq.with_protection(margin)
+        margin = margin_protection(chosen.protection, cfg.edit.lsq.protect_margin, PROTECT_RANGE[0])
+        m.lsq = m.lsq_at(margin)
         log.info("lsq protection: %.3g reached the target on the held-out probes; the edit uses %.3g",
                  chosen.protection, margin)
     for p in trace:
