@@ -135,8 +135,9 @@ class ScalePoint:
     drift: float
     phase: str  # "screen": one direction alone at full strength; "add": the first n directions at full
     # strength; "scale": bisection of the global scale; "protect": bisection of the lsq protection weight;
-    # "compare": the least-squares edit as it will be applied, and the projection of the same
-    # directions (full strength, then bisection of its scale), with the capability probes' drift
+    # "compare": the least-squares edit at the margined mu (and at the edge when that refused more),
+    # and the projection of the same directions (full strength, then bisection of its scale), with
+    # the capability probes' drift; "margin": the margined mu without the comparison
     protection: Optional[float] = None  # mu of the least-squares edit (None: projection)
     skill_drift: Optional[float] = None  # "compare": NLL increase of the model's own answers to the
     # held-out capability probes, nats/token (None: not measured)
@@ -149,7 +150,7 @@ class ScalePoint:
 
 def calibrate(model: Any, directions: Sequence[tuple[int, int, torch.Tensor, float]], edit: Callable[[EditPlan], Any],
               refusal: Any, drift: OwnAnswers, target: float, steps: int,
-              max_drift: Optional[float] = None) -> tuple[list[int], ScalePoint, list[ScalePoint]]:
+              max_drift: Optional[float] = None, min_gain: float = 0.0) -> tuple[list[int], ScalePoint, list[ScalePoint]]:
     """The least edit of `directions` (layer, index, vector, alpha) that reaches `target` (choose_edit).
 
     `refusal(model) -> rate` is measured on the held-out harmful probes, `drift` on held-out
@@ -162,7 +163,7 @@ def calibrate(model: Any, directions: Sequence[tuple[int, int, torch.Tensor, flo
         finally:
             handle.revert()
 
-    return choose_edit(evaluate, [d[3] for d in directions], target, steps, max_drift)
+    return choose_edit(evaluate, [d[3] for d in directions], target, steps, max_drift, min_gain)
 
 
 def screen_weights(table: pd.DataFrame) -> pd.DataFrame:
@@ -193,7 +194,7 @@ def calibrate_table(model: Any, table: pd.DataFrame, bases: Mapping[int, torch.T
                     max_drift: Optional[float] = None,
                     edit_at: Optional[Callable[[float], Callable[[EditPlan], Any]]] = None,
                     protect_range: tuple[float, float] = (1e-3, 1e3), protect_margin: float = 1.0,
-                    compare: Optional["ProjectionCheck"] = None
+                    compare: Optional["ProjectionCheck"] = None, min_gain: float = 0.0
                     ) -> tuple[pd.DataFrame, ScalePoint, list[ScalePoint]]:
     """The entanglement table with calibrated strengths (`calibrate` on its rows), the chosen point
     and the trace.
@@ -206,13 +207,13 @@ def calibrate_table(model: Any, table: pd.DataFrame, bases: Mapping[int, torch.T
 
     With `compare` as well, the least-squares edit at that mu / `protect_margin` is weighed against
     the projection of the same directions (compare_projection); when the projection wins, the
-    chosen point is the projection's (`protection` None).
+    chosen point is the projection's (`protection` None). `min_gain` is choose_edit's.
     """
     table = screen_weights(table)
     directions = [(int(r.layer), int(r.index), bases[int(r.layer)][int(r.index)].float(), float(r.alpha))
                   for r in table.itertuples(index=False)]
     members, chosen, trace = calibrate(model, directions, edit, refusal, drift, target,
-                                       0 if edit_at is not None else steps, max_drift)
+                                       0 if edit_at is not None else steps, max_drift, min_gain)
     if edit_at is not None:
         chosen = dataclasses.replace(chosen, protection=protect_range[0])
         trace = [dataclasses.replace(p, protection=protect_range[0]) for p in trace]
@@ -228,16 +229,22 @@ def calibrate_table(model: Any, table: pd.DataFrame, bases: Mapping[int, torch.T
         if max_drift is None or chosen.drift <= max_drift:
             chosen, more = search_protection(at, chosen, refusal_bar(target, chosen.refusal), steps, protect_range[1])
             trace = trace + more
-        if compare is not None:
-            def point(plan_edit: Callable[[EditPlan], Any], s: float, mu: Optional[float]) -> ScalePoint:
-                return probe_point(model, plan_edit, joined, s, refusal, drift, compare.skill, mu)
 
-            mu = margin_protection(chosen.protection, protect_margin, protect_range[0])
-            alternative, more = compare_projection(point, edit_at(mu), compare.projection, chosen.scale, mu,
-                                                   target, steps, max_drift)
+        def point(plan_edit: Callable[[EditPlan], Any], s: float, mu: Optional[float]) -> ScalePoint:
+            return probe_point(model, plan_edit, joined, s, refusal, drift, compare.skill, mu)
+
+        def lsq_point(mu: float) -> ScalePoint:  # with the capability probes when the methods are compared
+            return point(edit_at(mu), chosen.scale, mu) if compare is not None else dataclasses.replace(at(mu), phase="margin")
+
+        chosen, more = margined_point(lsq_point, chosen, protect_margin, protect_range[0], target, max_drift)
+        trace = trace + more
+        if compare is not None:
+            lsq = chosen if chosen.skill_drift is not None else lsq_point(chosen.protection)
+            trace = trace + ([] if lsq is chosen else [lsq])
+            alternative, more = compare_projection(point, lsq, compare.projection, chosen.scale, target, steps,
+                                                   max_drift)
             trace = trace + more
-            if alternative is not None:
-                chosen = alternative
+            chosen = alternative if alternative is not None else lsq
     return with_choice(table, members, chosen.scale), chosen, trace
 
 
@@ -245,6 +252,24 @@ def margin_protection(edge: float, margin: float, low: float) -> float:
     """The mu the edit uses: the edge found on the probes divided by the margin (the edge does not
     carry over to new prompts), never below the search's low end."""
     return max(low, edge / margin)
+
+
+def margined_point(measure: Callable[[float], ScalePoint], edge: ScalePoint, margin: float, low: float,
+                   target: float, max_drift: Optional[float] = None) -> tuple[ScalePoint, list[ScalePoint]]:
+    """The least-squares point the edit uses, and the trace: the edge's mu divided by the margin
+    (margin_protection), measured with `measure(mu)`; the edge itself when that stronger edit
+    refuses more on the probes than the edge (or than the target, if more), or leaves the drift
+    budget.
+
+    Where the target was missed, refusal need not fall as mu falls (measured on an
+    `organism_deep` Llama-style seed: 0.25 at mu = 0.001, 0.04 at the edge mu = 1.24 and 0.24 at
+    mu = 0.31), so the margin can step back into an edit that refuses more."""
+    mu = margin_protection(edge.protection, margin, low)
+    if mu >= edge.protection:
+        return edge, []
+    p = measure(mu)
+    kept = p.refusal <= max(target, edge.refusal) and (max_drift is None or p.drift <= max_drift)
+    return (p if kept else edge), [p]
 
 
 @dataclass(frozen=True)
@@ -269,25 +294,26 @@ def probe_point(model: Any, edit: Callable[[EditPlan], Any], joined: Sequence[tu
 
 
 def compare_projection(point: Callable[[Callable[[EditPlan], Any], float, Optional[float]], ScalePoint],
-                       lsq_edit: Callable[[EditPlan], Any], projection: Callable[[EditPlan], Any],
-                       full_scale: float, mu: float, target: float, steps: int,
+                       lsq: ScalePoint, projection: Callable[[EditPlan], Any],
+                       full_scale: float, target: float, steps: int,
                        max_drift: Optional[float] = None) -> tuple[Optional[ScalePoint], list[ScalePoint]]:
     """The projection of the joined directions when it is the better edit on the probes, else None.
 
-    The least-squares edit is measured as it will be applied (protection `mu`); the projection at
-    full strength, then at the smallest scale that still reaches `target` (search_scale). The
+    `lsq` is the least-squares edit as it will be applied, measured with the capability probes;
+    the projection is measured at full strength, then at the smallest scale that still reaches
+    `target` (search_scale). The
     projection wins when it reaches the target within `max_drift` with less harmless plus
     capability drift (ScalePoint.total_drift): the least-squares update trades the protected
     prompts' outputs against the harmful ones, and on some models that costs capability the
-    projection keeps. `point(edit, scale, mu)` measures one point. Returns the winner and the trace.
+    projection keeps. `point(edit, scale, mu)` measures one point. Returns the winner and the
+    projection's trace.
     """
     def accept(p: ScalePoint) -> bool:
         return p.refusal <= target and (max_drift is None or p.drift <= max_drift)
 
-    lsq = point(lsq_edit, full_scale, mu)
     start = point(projection, full_scale, None)
     if not accept(start):
-        return None, [lsq, start]
+        return None, [start]
 
     def hopeless(p: ScalePoint) -> bool:
         # drift grows with the scale: once a scale too small to reach the target drifts more than
@@ -295,7 +321,7 @@ def compare_projection(point: Callable[[Callable[[EditPlan], Any], float, Option
         return not accept(p) and p.total_drift >= lsq.total_drift
 
     best, more = search_scale(lambda s: point(projection, s, None), start, accept, steps, smallest=True, stop=hopeless)
-    return (best if best.total_drift < lsq.total_drift else None), [lsq, start, *more]
+    return (best if best.total_drift < lsq.total_drift else None), [start, *more]
 
 
 def refusal_bar(target: float, start: float) -> Callable[[ScalePoint], bool]:
@@ -335,7 +361,7 @@ def search_protection(evaluate: Any, start: ScalePoint, accept: Any, steps: int,
 
 
 def choose_edit(evaluate: Any, alphas: Sequence[float], target: float, steps: int,
-                max_drift: Optional[float] = None) -> tuple[list[int], ScalePoint, list[ScalePoint]]:
+                max_drift: Optional[float] = None, min_gain: float = 0.0) -> tuple[list[int], ScalePoint, list[ScalePoint]]:
     """Which directions, at what global scale: the least edit that reaches `target` refusal.
 
     `evaluate(members, scale) -> (refusal, drift)` with every alpha of `members` times `scale`
@@ -344,9 +370,12 @@ def choose_edit(evaluate: Any, alphas: Sequence[float], target: float, steps: in
 
     1. "screen": each direction removed alone at full strength; they join in order of the
        refusal left (least first), then drift.
-    2. "add": the first n = 2, 3, ... at full strength until refusal reaches the target within
-       the budget, or the budget is exceeded, or they run out; the point with the least refusal
-       within the budget is kept (the trace shows a miss).
+    2. "add": the next direction in that order joins the ones kept so far, all at full strength,
+       and stays only when, within the budget, it reaches the target or lowers held-out refusal
+       by at least `min_gain`, until refusal reaches the target or the directions run out; the
+       trace shows a miss. A direction that raises refusal beside the others (measured: one
+       joined direction left 0.14 on an `organism_deep` seed and the first two together 0.20) is
+       left out instead of being carried into every later point.
     3. "scale": bisection of the global scale of those directions: the smallest scale that still
        reaches the target, or, when even the kept point is over budget, the largest within it.
 
@@ -369,14 +398,16 @@ def choose_edit(evaluate: Any, alphas: Sequence[float], target: float, steps: in
         raise ValueError("calibration: every direction has strength 0; nothing to calibrate")
     screen = {i: point([i], full([i]), "screen") for i in live}
     order = sorted(live, key=lambda i: (not within(screen[i]), screen[i].refusal, screen[i].drift))
-    added = [screen[order[0]]]
-    for n in range(2, len(order) + 1):
-        if reached(added[-1]) or not within(added[-1]):
+    members, start, tried = [order[0]], screen[order[0]], []
+    for i in order[1:]:
+        if reached(start) or not within(start):
             break
-        added.append(point(order[:n], full(order[:n]), "add"))
-    trace = [screen[i] for i in live] + added[1:]
-    start = min([p for p in added if within(p)] or added, key=lambda p: (p.refusal, p.n_directions))
-    members = order[: start.n_directions]
+        trial = point(members + [i], full(members + [i]), "add")
+        tried.append(trial)
+        if reached(trial) or (within(trial) and start.refusal - trial.refusal >= min_gain - 1e-12
+                              and trial.refusal < start.refusal):
+            members, start = members + [i], trial
+    trace = [screen[i] for i in live] + tried
     if reached(start):
         best, more = search_scale(lambda s: point(members, s, "scale"), start, reached, steps, smallest=True)
     elif not within(start):

@@ -105,7 +105,7 @@ def calibrate(ctx: StageContext, m: Any, acts: Any, table: Any, bases: dict) -> 
     from saber.evaluate.reference import generate_responses
     from saber.evaluate.settings import run_settings
     from saber.edit.lsq import PROTECT_RANGE
-    from saber.measured import (OwnAnswers, ProjectionCheck, calibrate_table, margin_protection, opening_kept_rate,
+    from saber.measured import (OwnAnswers, ProjectionCheck, calibrate_table, opening_kept_rate,
                                 projection_edit)
 
     cfg = ctx.cfg
@@ -132,18 +132,18 @@ def calibrate(ctx: StageContext, m: Any, acts: Any, table: Any, bases: dict) -> 
     table, chosen, trace = calibrate_table(model, table, bases, m.edit, score, drift, cfg.iterate.target_refusal,
                                            cfg.entangle.calibrate_steps, cfg.entangle.max_drift,
                                            m.lsq_edit if search_mu else None, PROTECT_RANGE,
-                                           cfg.edit.lsq.protect_margin, compare)
+                                           cfg.edit.lsq.protect_margin, compare,
+                                           cfg.entangle.join_min_prompts / max(len(harmful), 1))
     if search_mu and chosen.protection is None:
-        lsq_point = next(p for p in trace if p.phase == "compare" and p.protection is not None)
+        lsq_point = [p for p in trace if p.phase == "compare" and p.protection is not None][-1]
         m.lsq, m.edit, m.method = None, projection, "projection"
         m.method_reason = (f"edit.method=auto: on the held-out probes the projection reached the target with less "
                            f"harmless + capability drift ({chosen.total_drift:.4g} against lsq's "
                            f"{lsq_point.total_drift:.4g} nats/token)")
     elif search_mu:
-        margin = margin_protection(chosen.protection, cfg.edit.lsq.protect_margin, PROTECT_RANGE[0])
-        m.lsq = m.lsq_at(margin)
-        log.info("lsq protection: %.3g reached the target on the held-out probes; the edit uses %.3g",
-                 chosen.protection, margin)
+        m.lsq = m.lsq_at(chosen.protection)
+        log.info("lsq protection: the edit uses mu = %.3g, the probes' edge divided by edit.lsq.protect_margin "
+                 "unless that refused more on them (calibration.parquet)", chosen.protection)
     for p in trace:
         log.info("calibration (%s): %d direction(s) at scale %.4f%s -> held-out refusal %.3f, drift %.4f nats/token%s",
                  p.phase, p.n_directions, p.scale, "" if p.protection is None else f", protection {p.protection:.3g}",
@@ -153,7 +153,7 @@ def calibrate(ctx: StageContext, m: Any, acts: Any, table: Any, bases: dict) -> 
 
 # measured mode and calibration remove directions with the edit's own writer settings and score
 # refusal with the evaluation's scorer, so those keys are part of this stage's fingerprint
-SPEC = StageSpec(name="entangle", schema_version=6,
+SPEC = StageSpec(name="entangle", schema_version=7,
                  config_keys=("entangle", "iterate.alpha_decay", "iterate.target_refusal", "edit.scope",
                               "edit.roles", "edit.sandwich_correction", "edit.dtype_compute", "edit.method", "edit.lsq",
                               "edit.norm_preserving",

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saber.measured import (ScalePoint, choose_edit, compare_projection, measured_strength, refusal_bar,
-                            screen_weights, search_protection, search_scale, with_choice)
+from saber.measured import (ScalePoint, choose_edit, compare_projection, margined_point, measured_strength,
+                            refusal_bar, screen_weights, search_protection, search_scale, with_choice)
 
 
 def test_strength_is_continuous_in_cost_per_benefit() -> None:
@@ -75,6 +75,27 @@ def test_choose_edit_stops_at_the_first_direction_that_suffices_and_reports_a_mi
     assert best.refusal == 0.5 and members == [0] and all(p.phase != "scale" for p in trace)
     with pytest.raises(ValueError, match="strength 0"):
         choose_edit(evaluate, [0.0], 0.0, steps=3)
+
+
+def test_choose_edit_leaves_out_a_direction_that_does_not_lower_refusal_enough() -> None:
+    # planted on 72 probes: 0 alone leaves 20 refusing; 1 beside 0 brings refusals back (30);
+    # 2 removes one more prompt (19: noise); 3 removes 10; 4 then reaches the target
+    left = {(0,): 20, (0, 1): 30, (0, 2): 19, (0, 3): 10, (0, 3, 4): 0}
+    calls: list[tuple[int, ...]] = []
+
+    def evaluate(members, scale):
+        calls.append(tuple(members))
+        key = tuple(sorted(members))
+        return left.get(key, 72 - 10 * len(key)) / 72, 0.01 * len(key)
+
+    # the screen puts 0 first (20 left alone), then 1, 2, 3, 4 in index order (62 left alone each)
+    members, best, trace = choose_edit(evaluate, [1.0] * 5, 0.0, steps=2, min_gain=2 / 72)
+    assert members == [0, 3, 4] and best.refusal == 0.0
+    assert [c for c in calls if len(c) > 1][:4] == [(0, 1), (0, 2), (0, 3), (0, 3, 4)]
+    # without the minimum gain, one prompt of difference is enough for 2 to join, and with 2 in,
+    # neither 3 nor 4 lowers refusal any further (42 left)
+    members, best, _ = choose_edit(evaluate, [1.0] * 5, 0.0, steps=2)
+    assert members == [0, 2] and best.refusal == 19 / 72
 
 
 def test_choose_edit_never_picks_a_point_over_the_drift_budget() -> None:
@@ -145,24 +166,58 @@ def test_method_comparison_keeps_the_projection_only_when_it_drifts_less_at_the_
     one drifting 0.01 it loses and the search stops at the first too-small scale that already
     drifts more (drift grows with the scale)."""
     point, lsq, projection, calls = planted_methods(0.1)
-    best, trace = compare_projection(point, lsq, projection, 1.0, 0.05, 0.0, 6)
+    best, trace = compare_projection(point, point(lsq, 1.0, 0.05), projection, 1.0, 0.0, 6)
     assert best is not None and best.protection is None and best.refusal == 0.0
     assert 0.6 <= best.scale <= 0.6 + 1 / 64 and best.total_drift == pytest.approx(best.scale**2 / 10)
-    assert [p.protection for p in trace[:1]] == [0.05] and len(trace) == 2 + 6 and calls[0] == ("lsq", 1.0)
-    assert all(p.skill_drift is not None for p in trace)
+    assert len(trace) == 1 + 6 and calls[0] == ("lsq", 1.0) and all(c == "projection" for c, _ in calls[1:])
+    assert all(p.skill_drift is not None and p.protection is None for p in trace)
 
     point, lsq, projection, calls = planted_methods(0.01)
-    best, trace = compare_projection(point, lsq, projection, 1.0, 0.05, 0.0, 6)
+    best, trace = compare_projection(point, point(lsq, 1.0, 0.05), projection, 1.0, 0.0, 6)
     # scale 0.5 misses the target and already drifts 0.025 > 0.01: no smaller drift can reach it
-    assert best is None and [s for _, s in calls] == [1.0, 1.0, 0.5] and len(trace) == 3
+    assert best is None and [s for _, s in calls] == [1.0, 1.0, 0.5] and len(trace) == 2
 
     # a projection that cannot reach the target at full strength is never chosen, however little it drifts
     point, lsq, projection, calls = planted_methods(0.1)
-    best, trace = compare_projection(point, lsq, projection, 0.5, 0.05, 0.0, 6)
+    best, trace = compare_projection(point, point(lsq, 0.5, 0.05), projection, 0.5, 0.0, 6)
     assert best is None and len(calls) == 2
     # nor one over the drift budget (harmless drift s^2 / 20 > 0.001 at every reaching scale)
     point, lsq, projection, calls = planted_methods(0.1)
-    assert compare_projection(point, lsq, projection, 1.0, 0.05, 0.0, 6, max_drift=0.001)[0] is None
+    assert compare_projection(point, point(lsq, 1.0, 0.05), projection, 1.0, 0.0, 6, max_drift=0.001)[0] is None
+
+
+def test_the_margined_protection_is_kept_only_where_it_refuses_no_more_than_the_edge() -> None:
+    """Planted refusal as a function of mu: where it falls with mu (the target reached at the
+    edge mu = 0.8), mu / 4 is used; where it does not (0.04 at the edge, 0.24 at mu / 4, the shape
+    measured on an organism_deep seed), the edge stays; a margin of 1 measures nothing."""
+    def measure_with(refusal_at):
+        calls: list[float] = []
+
+        def measure(mu: float) -> ScalePoint:
+            calls.append(mu)
+            return ScalePoint(2, 1.0, refusal_at(mu), 0.01 / mu, "margin", mu)
+        return measure, calls
+
+    edge = ScalePoint(2, 1.0, 0.0, 0.0125, "protect", 0.8)
+    measure, calls = measure_with(lambda mu: 0.0)
+    chosen, trace = margined_point(measure, edge, 4.0, 1e-3, 0.0)
+    assert chosen.protection == pytest.approx(0.2) and calls == [pytest.approx(0.2)] and trace == [chosen]
+    # a drift budget the stronger edit leaves (0.05 > 0.02) keeps the edge
+    chosen, _ = margined_point(measure, edge, 4.0, 1e-3, 0.0, max_drift=0.02)
+    assert chosen is edge
+
+    missed = ScalePoint(5, 1.0, 0.04, 0.03, "protect", 1.24)
+    measure, calls = measure_with(lambda mu: 0.24 if mu < 1.0 else 0.04)
+    chosen, trace = margined_point(measure, missed, 4.0, 1e-3, 0.0)
+    assert chosen is missed and len(trace) == 1 and trace[0].refusal == 0.24
+    # the target (0.1) counts as the bar when it is above the edge's refusal
+    chosen, _ = margined_point(measure_with(lambda mu: 0.08)[0], missed, 4.0, 1e-3, 0.1)
+    assert chosen.protection == pytest.approx(0.31)
+
+    measure, calls = measure_with(lambda mu: 0.0)
+    assert margined_point(measure, edge, 1.0, 1e-3, 0.0) == (edge, []) and calls == []
+    low = ScalePoint(2, 1.0, 0.1, 0.05, "add", 1e-3)  # the edge at the search's low end: nothing lower
+    assert margined_point(measure, low, 4.0, 1e-3, 0.0) == (low, []) and calls == []
 
 
 def test_calibration_bookkeeping_screens_unmeasured_rows_and_writes_back_the_choice() -> None:

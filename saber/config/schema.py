@@ -183,9 +183,11 @@ class EntangleConfig:
     calibrate_steps: int = 6
     max_drift: Optional[float] = None
     calibrate_refusal: str = "generate"
+    join_min_prompts: int = 2
 
     def __post_init__(self) -> None:
         _check(self.m >= 1, "entangle.m", self.m, "an integer >= 1")
+        _check(self.join_min_prompts >= 0, "entangle.join_min_prompts", self.join_min_prompts, "an integer >= 0")
         if self.tau is not None:
             _fraction("entangle.tau", self.tau)
         _fraction("entangle.tau_quantile", self.tau_quantile)

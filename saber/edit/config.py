@@ -30,7 +30,8 @@ class LsqConfig:
     protect_weight: mu, the weight of the change on protected inputs; null: calibrated on the
         held-out probes (the largest mu that still reaches the refusal target, divided by
         protect_margin: the last mu that reaches the target on the probes sits at the edge, and
-        the edge does not carry over to new prompts).
+        the edge does not carry over to new prompts; the edge itself when the divided mu refuses
+        more on the probes).
     protect_prompts: protected prompts per kind (harmless, capability fit prompts), each with the
         model's own answer.
     focus: weight each harmful token by ||Q^T W x||^2, the writer's output along the plan's
