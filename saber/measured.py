@@ -69,6 +69,11 @@ class OwnAnswers:
         return mean_nll(model, self.tokenizer, self.ids, self.answers, self.batch_size) - self.base
 
 
+def opening_rows(own: OwnAnswers, refused: Sequence[bool]) -> list[int]:
+    """The probes opening_kept_rate scores: refused by the base model, with an opening to keep."""
+    return [i for i, r in enumerate(refused) if r and own.answers[i]]
+
+
 @torch.no_grad()
 def opening_kept_rate(model: Any, tokenizer: Any, own: OwnAnswers, refused: Sequence[bool]) -> float:
     """The cheap refusal score: the share of refused prompts whose base refusal opening is still the
@@ -80,7 +85,7 @@ def opening_kept_rate(model: Any, tokenizer: Any, own: OwnAnswers, refused: Sequ
     """
     from saber.evaluate.generation import teacher_forced
 
-    rows = [i for i, r in enumerate(refused) if r and own.answers[i]]
+    rows = opening_rows(own, refused)
     if not rows:
         return float("nan")
     kept = 0
@@ -133,8 +138,8 @@ class ScalePoint:
     scale: float
     refusal: float
     drift: float
-    phase: str  # "screen": one direction alone at full strength; "add": the first n directions at full
-    # strength; "scale": bisection of the global scale; "protect": bisection of the lsq protection weight;
+    phase: str  # "screen": one direction alone at full strength; "add": one more direction beside the ones
+    # kept, all at full strength; "scale": bisection of the global scale; "protect": bisection of the lsq protection weight;
     # "compare": the least-squares edit at the margined mu (and at the edge when that refused more),
     # and the projection of the same directions (full strength, then bisection of its scale), with
     # the capability probes' drift; "margin": the margined mu without the comparison
@@ -236,10 +241,17 @@ def calibrate_table(model: Any, table: pd.DataFrame, bases: Mapping[int, torch.T
         def lsq_point(mu: float) -> ScalePoint:  # with the capability probes when the methods are compared
             return point(edit_at(mu), chosen.scale, mu) if compare is not None else dataclasses.replace(at(mu), phase="margin")
 
+        def with_skill(p: ScalePoint) -> ScalePoint:  # refusal and drift are p's own: only the capability probes
+            handle = edit_at(p.protection)(scaled_plan(joined, p.scale))
+            try:
+                return dataclasses.replace(p, phase="compare", skill_drift=compare.skill.shift(model))
+            finally:
+                handle.revert()
+
         chosen, more = margined_point(lsq_point, chosen, protect_margin, protect_range[0], target, max_drift)
         trace = trace + more
         if compare is not None:
-            lsq = chosen if chosen.skill_drift is not None else lsq_point(chosen.protection)
+            lsq = chosen if chosen.skill_drift is not None else with_skill(chosen)
             trace = trace + ([] if lsq is chosen else [lsq])
             alternative, more = compare_projection(point, lsq, compare.projection, chosen.scale, target, steps,
                                                    max_drift)
@@ -248,23 +260,18 @@ def calibrate_table(model: Any, table: pd.DataFrame, bases: Mapping[int, torch.T
     return with_choice(table, members, chosen.scale), chosen, trace
 
 
-def margin_protection(edge: float, margin: float, low: float) -> float:
-    """The mu the edit uses: the edge found on the probes divided by the margin (the edge does not
-    carry over to new prompts), never below the search's low end."""
-    return max(low, edge / margin)
-
-
 def margined_point(measure: Callable[[float], ScalePoint], edge: ScalePoint, margin: float, low: float,
                    target: float, max_drift: Optional[float] = None) -> tuple[ScalePoint, list[ScalePoint]]:
     """The least-squares point the edit uses, and the trace: the edge's mu divided by the margin
-    (margin_protection), measured with `measure(mu)`; the edge itself when that stronger edit
+    (the edge found on the probes does not carry over to new prompts; never below the search's
+    low end), measured with `measure(mu)`; the edge itself when that stronger edit
     refuses more on the probes than the edge (or than the target, if more), or leaves the drift
     budget.
 
     Where the target was missed, refusal need not fall as mu falls (measured on an
     `organism_deep` Llama-style seed: 0.25 at mu = 0.001, 0.04 at the edge mu = 1.24 and 0.24 at
     mu = 0.31), so the margin can step back into an edit that refuses more."""
-    mu = margin_protection(edge.protection, margin, low)
+    mu = max(low, edge.protection / margin)
     if mu >= edge.protection:
         return edge, []
     p = measure(mu)
@@ -393,6 +400,10 @@ def choose_edit(evaluate: Any, alphas: Sequence[float], target: float, steps: in
     def reached(p: ScalePoint) -> bool:
         return p.refusal <= target and within(p)
 
+    def pays(trial: ScalePoint, kept: ScalePoint) -> bool:  # rates are counts / n: 1e-12 absorbs the rounding
+        gain = kept.refusal - trial.refusal
+        return reached(trial) or (within(trial) and gain > 0 and gain >= min_gain - 1e-12)
+
     live = [i for i, a in enumerate(alphas) if a > 0]
     if not live:
         raise ValueError("calibration: every direction has strength 0; nothing to calibrate")
@@ -404,8 +415,7 @@ def choose_edit(evaluate: Any, alphas: Sequence[float], target: float, steps: in
             break
         trial = point(members + [i], full(members + [i]), "add")
         tried.append(trial)
-        if reached(trial) or (within(trial) and start.refusal - trial.refusal >= min_gain - 1e-12
-                              and trial.refusal < start.refusal):
+        if pays(trial, start):
             members, start = members + [i], trial
     trace = [screen[i] for i in live] + tried
     if reached(start):

@@ -105,7 +105,7 @@ def calibrate(ctx: StageContext, m: Any, acts: Any, table: Any, bases: dict) -> 
     from saber.evaluate.reference import generate_responses
     from saber.evaluate.settings import run_settings
     from saber.edit.lsq import PROTECT_RANGE
-    from saber.measured import (OwnAnswers, ProjectionCheck, calibrate_table, opening_kept_rate,
+    from saber.measured import (OwnAnswers, ProjectionCheck, calibrate_table, opening_kept_rate, opening_rows,
                                 projection_edit)
 
     cfg = ctx.cfg
@@ -120,8 +120,10 @@ def calibrate(ctx: StageContext, m: Any, acts: Any, table: Any, bases: dict) -> 
         # labelled from whole answers, as evaluate does: a refusal phrase may come after the opening
         refused = scorer.score(harmful, generate_responses(model, tokenizer, harmful, settings)[1])
         score = lambda edited: opening_kept_rate(edited, tokenizer, own, refused)  # noqa: E731
+        n_scored = len(opening_rows(own, refused))
     else:
         score = lambda edited: refusal_rate(edited, tokenizer, harmful, settings, scorer)  # noqa: E731
+        n_scored = len(harmful)
     search_mu = m.lsq is not None and cfg.edit.lsq.protect_weight is None
     projection = projection_edit(model, m.edit_cfg)
     compare = None
@@ -133,7 +135,7 @@ def calibrate(ctx: StageContext, m: Any, acts: Any, table: Any, bases: dict) -> 
                                            cfg.entangle.calibrate_steps, cfg.entangle.max_drift,
                                            m.lsq_edit if search_mu else None, PROTECT_RANGE,
                                            cfg.edit.lsq.protect_margin, compare,
-                                           cfg.entangle.join_min_prompts / max(len(harmful), 1))
+                                           cfg.entangle.join_min_prompts / max(n_scored, 1))
     if search_mu and chosen.protection is None:
         lsq_point = [p for p in trace if p.phase == "compare" and p.protection is not None][-1]
         m.lsq, m.edit, m.method = None, projection, "projection"

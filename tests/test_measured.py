@@ -9,8 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from saber.measured import (ScalePoint, choose_edit, compare_projection, margined_point, measured_strength,
-                            refusal_bar, screen_weights, search_protection, search_scale, with_choice)
+from saber.measured import (ProjectionCheck, ScalePoint, calibrate_table, choose_edit, compare_projection,
+                            margined_point, measured_strength, refusal_bar, screen_weights, search_protection,
+                            search_scale, with_choice)
 
 
 def test_strength_is_continuous_in_cost_per_benefit() -> None:
@@ -218,6 +219,58 @@ def test_the_margined_protection_is_kept_only_where_it_refuses_no_more_than_the_
     assert margined_point(measure, edge, 1.0, 1e-3, 0.0) == (edge, []) and calls == []
     low = ScalePoint(2, 1.0, 0.1, 0.05, "add", 1e-3)  # the edge at the search's low end: nothing lower
     assert margined_point(measure, low, 4.0, 1e-3, 0.0) == (low, []) and calls == []
+
+
+def test_calibration_keeps_the_edge_when_the_margined_protection_refuses_more() -> None:
+    """calibrate_table end to end on planted edits, the shape measured on an organism_deep Llama
+    seed: refusal 0.25 below mu = 1, 0.04 for mu in [1, 1.5], 1.0 above; the projection never
+    reaches the target. The protection search ends at the edge mu = 1.24, mu / 4 refuses 0.25, so
+    the edge is kept; the comparison then only adds the capability probes there (no second
+    refusal measurement) and keeps the least-squares edit."""
+    import torch
+
+    state: dict[str, float | None] = {"mu": None}
+    calls = {"refusal": 0, "skill": 0}
+
+    class Handle:
+        def revert(self) -> None:
+            state["mu"] = None
+
+    def edit_at(mu: float):
+        def edit(_plan):
+            state["mu"] = mu
+            return Handle()
+        return edit
+
+    def refusal(_model) -> float:
+        calls["refusal"] += 1
+        mu = state["mu"]
+        if mu is None:  # the projection
+            return 1.0
+        return 0.04 if 1.0 <= mu <= 1.5 else (0.25 if mu < 1.0 else 1.0)
+
+    class Shift:
+        def __init__(self, key: str | None) -> None:
+            self.key = key
+
+        def shift(self, _model) -> float:
+            if self.key:
+                calls[self.key] += 1
+            return 0.01 / state["mu"] if state["mu"] else 0.1
+
+    table = pd.DataFrame({"layer": [0], "index": [0], "rank": [1], "alpha": [1.0]})
+    bases = {0: torch.ones(1, 4)}
+    compare = ProjectionCheck(lambda _plan: Handle(), Shift("skill"))
+    _, chosen, trace = calibrate_table(None, table, bases, edit_at(1e-3), refusal, Shift(None), 0.0, 6,
+                                       edit_at=edit_at, protect_range=(1e-3, 1e3), protect_margin=4.0,
+                                       compare=compare)
+    assert chosen.protection == pytest.approx(1.2409, rel=1e-3) and chosen.refusal == 0.04
+    margin = [p for p in trace if p.protection is not None and p.protection < 1.0 and p.phase == "compare"]
+    assert len(margin) == 1 and margin[0].refusal == 0.25  # mu / 4, measured once and left
+    assert chosen.phase == "compare" and chosen.skill_drift is not None and chosen is trace[-2]
+    # refusal: 1 screen + 6 protection steps + 1 margined point + 1 projection, the edge not again;
+    # capability: the margined point, the edge and the projection
+    assert calls["refusal"] == 9 and calls["skill"] == 3
 
 
 def test_calibration_bookkeeping_screens_unmeasured_rows_and_writes_back_the_choice() -> None:
