@@ -38,6 +38,7 @@ PROMPTS_FILE = "prompts.parquet"
 ACTIVATIONS_FILE = "activations.safetensors"
 PROMPT_COLUMNS = ("id", "kind", "split", "text", "n_tokens")
 CPU_MAX_BATCH = 32
+FREED_SPLIT = "freed"  # harmful fit prompts an earlier plan freed from refusal (stages/collect.py)
 REGENERATE = "python -m stages.collect <same overrides> force=true"
 
 
@@ -331,6 +332,10 @@ class Activations:
             raise KeyError(f"no rows of kind {kind!r} with split {split!r} in {self.prompts_path}; "
                            f"splits present: {sorted(set(frame['split']))}")
         return frame[frame["split"] == split]
+
+    def splits(self, kind: str) -> set[str]:
+        """The splits the rows of `kind` fall in (fit, heldout and, from the second iteration, freed)."""
+        return set(self._kind_rows(kind)["split"])
 
     def _kind_rows(self, kind: str) -> pd.DataFrame:
         if kind not in self._rows:

@@ -33,9 +33,8 @@ def pass_refusal(pipeline: Pipeline, iteration: int) -> float:
 
 
 def wants_answer_positions(cfg: SaberConfig) -> bool:
-    """Whether this run may escalate: on, a single pass, and no answer positions asked for already."""
-    return (cfg.iterate.escalate_positions > 0 and cfg.collect.response_positions == 0
-            and cfg.iterate.max_iterations == 1)
+    """Whether this run may escalate: on, and no answer positions asked for already."""
+    return cfg.iterate.escalate_positions > 0 and cfg.collect.response_positions == 0
 
 
 def escalate(pipeline: Pipeline, cfg: SaberConfig, first: IterationLog) -> tuple[Pipeline, SaberConfig, IterationLog]:
@@ -51,14 +50,15 @@ def escalate(pipeline: Pipeline, cfg: SaberConfig, first: IterationLog) -> tuple
              "collecting %d answer positions too", before, cfg.iterate.escalate_above, r)
     wider = dataclasses.replace(cfg, collect=dataclasses.replace(cfg.collect, response_positions=r))
     second = Pipeline(wider, store=pipeline.store, session=pipeline.session)
-    run_iterations(second, wider)
-    after = pass_refusal(second, 0)
+    wide = run_iterations(second, wider)
+    after = pass_refusal(second, wide.last_iteration)
     records = [*first.records, {"pass": "last token", "heldout_refusal": before},
-               {"pass": f"{r} answer positions", "heldout_refusal": after}]
+               *wide.records, {"pass": f"{r} answer positions", "heldout_refusal": after}]
     if after < before:
         log.info("answer positions: held-out refusal %.3f -> %.3f; the run uses them", before, after)
-        return second, wider, IterationLog(0, f"answer positions ({before:.3f} -> {after:.3f} held-out refusal)",
-                                           records)
+        return second, wider, IterationLog(wide.last_iteration,
+                                           f"answer positions ({before:.3f} -> {after:.3f} held-out refusal; "
+                                           f"{wide.stop_reason})", records)
     log.info("answer positions: held-out refusal %.3f, not below %.3f; the run keeps the last-token pass",
              after, before)
     kept = f"{first.stop_reason}; answer positions tried ({after:.3f} held-out refusal, not below {before:.3f})"

@@ -510,7 +510,10 @@ def prepare_measuring(model: Any, tokenizer: Any, cfg: Any, acts: Any, bases: Ma
 
 def lsq_editor(m: Measuring, acts: Any, plan: EditPlan, n_protect: int) -> Any:
     """The least-squares editor of every writer `plan` touches: its inputs on the harmful fit
-    prompts and on the protected ones (harmless and capability fit), each with the model's answer."""
+    prompts, on the protected ones (harmless and capability fit) and on the kept ones (the harmful
+    fit prompts an earlier plan freed from refusal, so that this plan keeps them answered), each
+    with the model's answer."""
+    from saber.collect import FREED_SPLIT
     from saber.edit.lsq import build_editor
     from saber.evaluate.generation import pad_id_of
 
@@ -519,6 +522,8 @@ def lsq_editor(m: Measuring, acts: Any, plan: EditPlan, n_protect: int) -> Any:
         return [list(p) + list(a) for p, a in zip(own.ids, own.answers)]
 
     harmful = sequences(acts.rows("harmful", "fit")["text"].tolist())
+    freed = acts.rows("harmful", FREED_SPLIT)["text"].tolist() if FREED_SPLIT in acts.splits("harmful") else []
     protected = sequences(acts.rows("harmless", "fit")["text"].tolist()[:n_protect]
                           + acts.rows("capability", "fit")["text"].tolist()[:n_protect])
-    return build_editor(m.model, m.edit_cfg, plan, harmful, protected, m.answers["batch_size"], pad_id_of(m.tokenizer))
+    return build_editor(m.model, m.edit_cfg, plan, harmful, protected, m.answers["batch_size"], pad_id_of(m.tokenizer),
+                        kept=sequences(freed) if freed else ())

@@ -13,6 +13,7 @@ from typing import Any
 
 from saber.pipeline import StageContext, StageSpec
 from stages.cli import stage_main
+from stages.signature import SCORER_KEYS
 
 log = logging.getLogger("stages.entangle")
 
@@ -158,11 +159,7 @@ def calibrate(ctx: StageContext, m: Any, acts: Any, table: Any, bases: dict) -> 
 SPEC = StageSpec(name="entangle", schema_version=7,
                  config_keys=("entangle", "iterate.alpha_decay", "iterate.target_refusal", "edit.scope",
                               "edit.roles", "edit.sandwich_correction", "edit.dtype_compute", "edit.method", "edit.lsq",
-                              "edit.norm_preserving",
-                              "evaluate.scorer", "evaluate.markers",
-                              "evaluate.extra_markers", "evaluate.prefixes", "evaluate.judge_path", "evaluate.judge_refusal_labels",
-                              "evaluate.judge_pair", "evaluate.max_new_tokens", "evaluate.batch_size",
-                              "evaluate.max_prompt_tokens"),
+                              "edit.norm_preserving", *SCORER_KEYS),
                  upstream=("collect", "extract", "rank", "signature"), build=build)
 main = stage_main("entangle")
 

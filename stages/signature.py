@@ -50,6 +50,12 @@ def build(ctx: StageContext, out_dir: Path) -> dict[str, Any]:
             "base_harmless_refusal_fit": signature.base_harmless_refusal}
 
 
+# the settings that decide how a stage's generated answers are labelled refusals (besides the signature itself)
+SCORER_KEYS = ("evaluate.scorer", "evaluate.markers", "evaluate.extra_markers", "evaluate.prefixes", "evaluate.judge_path",
+               "evaluate.judge_refusal_labels", "evaluate.judge_pair", "evaluate.max_new_tokens", "evaluate.batch_size",
+               "evaluate.max_prompt_tokens")
+
+
 def signature_upstream(cfg: Any) -> tuple[str, ...]:
     """("signature",) when the `auto` scorer labels refusals (a stage reading them depends on it), else ()."""
     return ("signature",) if cfg.evaluate.scorer == "auto" else ()

@@ -42,7 +42,6 @@ def test_a_last_token_pass_that_leaves_refusal_gets_answer_positions(monkeypatch
 @pytest.mark.parametrize(("overrides", "refusals", "ran"), [
     (("iterate.escalate_positions=8",), {0: 0.05, 8: 0.0}, []),  # at or below escalate_above: no second pass
     (("iterate.escalate_positions=0",), {0: 0.9, 8: 0.0}, []),   # off
-    (("iterate.escalate_positions=8", "iterate.max_iterations=2"), {0: 0.9, 8: 0.0}, []),  # iterations: not combined
     (("iterate.escalate_positions=8", "collect.response_positions=4"), {4: 0.9, 8: 0.0}, []),  # asked for already
     (("iterate.escalate_positions=8",), {0: 0.5, 8: 0.5}, [8]),  # tried, not better: the last-token pass stays
 ])
@@ -54,6 +53,27 @@ def test_the_last_token_pass_is_kept_unless_answer_positions_lower_refusal(
     pipeline, kept, log = esc.escalate(first, cfg, IterationLog(0, "max_iterations=1"))
     assert runs == ran and pipeline is first and kept is cfg
     assert ("answer positions tried" in log.stop_reason) == bool(ran)
+
+
+def test_an_iterated_answer_position_pass_is_compared_at_its_last_iteration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With iterations, each pass is judged by the refusal its last kept iteration leaves, and the
+    run keeps that iteration of the pass it chooses."""
+    cfg = compose_config("iterate.escalate_positions=8", "iterate.escalate_above=0.1", "iterate.max_iterations=3")
+    seen: list[tuple[int, int]] = []
+
+    def refusal(p: FakePipeline, i: int) -> float:
+        seen.append((p.cfg.collect.response_positions, i))
+        return {(0, 2): 0.5, (8, 1): 0.02}[(p.cfg.collect.response_positions, i)]
+
+    monkeypatch.setattr(esc, "pass_refusal", refusal)
+    monkeypatch.setattr(esc, "Pipeline", lambda cfg, store, session: FakePipeline(cfg=cfg, store=store, session=session))
+    monkeypatch.setattr(esc, "run_iterations", lambda p, cfg: IterationLog(1, "target refusal reached",
+                                                                           [{"iteration": 0, "heldout_refusal": 0.3}]))
+    first = FakePipeline(cfg=cfg, store="store", session="session")
+    pipeline, kept, log = esc.escalate(first, cfg, IterationLog(2, "max_iterations=3"))
+    assert seen == [(0, 2), (8, 1)]
+    assert kept.collect.response_positions == 8 and log.last_iteration == 1
+    assert "0.500 -> 0.020" in log.stop_reason and "target refusal reached" in log.stop_reason
 
 
 def test_escalation_settings_are_checked() -> None:

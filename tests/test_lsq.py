@@ -67,6 +67,27 @@ def test_weighted_update_solves_its_normal_equations() -> None:
     assert change[10.0] < change[0.1]
 
 
+def test_kept_inputs_weigh_as_much_as_the_targets_whatever_mu() -> None:
+    """The kept term E_k||dW x||^2 (inputs an earlier plan freed) enters the normal equations with
+    weight 1: the update's gradient with it vanishes (1e-9, relative), and at the lowest mu the kept
+    outputs change far less than without it, where the targets' span covers them."""
+    w, x_p, x_h, q = _planted(n_protected=40, n_harmful=30)
+    x_k = x_h[:, :10] + 0.1 * torch.randn(M, 10, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    k_h, k_p, k_k = _moment(x_h), _moment(x_p), _moment(x_k)
+    a, mu = q.T @ q, 1e-3
+    lam = 1e-3 * float(torch.trace(k_h)) / M
+    change = {}
+    for kept in (None, k_k):
+        left, right = low_rank_delta(w @ input_map(k_h, k_p, 1.0, 1e-3, mu, kept), [(q[0], 1.0), (q[1], 1.0)])
+        dw = -left @ right
+        gradient = (dw @ x_h + a @ w @ x_h) @ x_h.T / x_h.shape[1] + mu * dw @ k_p + lam * dw
+        if kept is not None:
+            gradient = gradient + dw @ k_k
+        assert gradient.norm() <= 1e-9 * (a @ w @ k_h).norm()
+        change[kept is not None] = float((dw @ x_k).norm() / (a @ w @ x_k).norm())
+    assert change[True] < 0.5 * change[False], change
+
+
 def test_the_projection_edit_is_the_unprotected_limit() -> None:
     """With nothing to protect and no ridge, G is the identity on the harmful inputs' span: with
     full-rank harmful inputs the update is the projection edit A W exactly."""

@@ -271,15 +271,18 @@ class EvaluateConfig:
 
 @dataclass
 class IterateConfig:
-    max_iterations: int = 1
+    max_iterations: int = 3
     alpha_decay: float = 0.7
     target_refusal: float = 0.0
     stability_cos: float = 0.98
     stability_fdr: float = 0.1
     escalate_positions: int = 8
     escalate_above: float = 0.1
+    refused_only_min: int = 8
 
     def __post_init__(self) -> None:
+        _check(self.refused_only_min >= 0, "iterate.refused_only_min", self.refused_only_min,
+               "an integer >= 0 (0 = every later iteration fits on all harmful fit prompts)")
         _check(self.max_iterations >= 1, "iterate.max_iterations", self.max_iterations, "an integer >= 1")
         _check(self.escalate_positions >= 0, "iterate.escalate_positions", self.escalate_positions,
                "an integer >= 0 (0 = never collect answer positions on its own)")

@@ -5,8 +5,13 @@ the directions from a writer's output on every input. The least-squares edit W' 
 removes them where the writer's inputs look like the harmful prompts' and keeps the outputs on
 the protected prompts (harmless and capability, each with the model's own answer):
 
-    min_dW  E_h ||dW x + A W x||^2  +  mu E_p ||dW x||^2  +  lambda ||dW||^2
-    =>  G = K_h N (N^T (K_h + mu K_p) N + lambda I)^-1 N^T
+    min_dW  E_h ||dW x + A W x||^2  +  E_k ||dW x||^2  +  mu E_p ||dW x||^2  +  lambda ||dW||^2
+    =>  G = K_h N (N^T (K_h + K_k + mu K_p) N + lambda I)^-1 N^T
+
+K_k, the kept inputs, are the harmful prompts an earlier iteration's plan freed from refusal
+(zero in the first iteration): their answers weigh as much as the harmful targets, whatever mu,
+so that this plan does not undo the earlier one (measured: at the low end of mu, the second plan
+of an `organism_hard` Gemma-style seed brought back every refusal the first had removed).
 
 K_h, K_p are the second moments of the writer's inputs on harmful and protected tokens (with
 edit.lsq.focus, each harmful token weighted by ||Q^T W x||^2, what the writer writes along the
@@ -48,21 +53,23 @@ def null_basis(k_protected: torch.Tensor, null_eps: float) -> torch.Tensor:
 
 
 def input_map(k_target: torch.Tensor, k_protected: torch.Tensor, null_eps: float, ridge: float,
-              protect_weight: float = 0.0) -> torch.Tensor:
-    """G = K_h N (N^T (K_h + mu K_p) N + lambda I)^-1 N^T (float64 [m, m]); zero when nothing is left to edit.
+              protect_weight: float = 0.0, k_kept: torch.Tensor | None = None) -> torch.Tensor:
+    """G = K_h N (N^T (K_h + K_k + mu K_p) N + lambda I)^-1 N^T (float64 [m, m]); zero when nothing is left to edit.
 
     k_target, k_protected: second moments [m, m] of the writer's inputs on the harmful and the
     protected prompts (mean over tokens). N spans the protected inputs' null space (null_eps);
-    mu = protect_weight also penalises the change on protected inputs inside it.
+    mu = protect_weight also penalises the change on protected inputs inside it. k_kept (None:
+    zero): inputs whose outputs are kept with weight 1, whatever mu.
     """
     k_h, k_p = k_target.to(torch.float64), k_protected.to(torch.float64)
+    k_k = torch.zeros_like(k_h) if k_kept is None else k_kept.to(torch.float64)
     m = k_h.shape[0]
     # null_eps = 1 keeps every direction: N = I, and no eigendecomposition is needed
     null = torch.eye(m, dtype=torch.float64) if null_eps >= 1.0 else null_basis(k_p, null_eps)
     scale = float(torch.trace(k_h)) / m
     if null.shape[1] == 0 or scale <= 0:
         return torch.zeros(m, m, dtype=torch.float64)
-    s = null.T @ (k_h + protect_weight * k_p) @ null
+    s = null.T @ (k_h + k_k + protect_weight * k_p) @ null
     s = 0.5 * (s + s.T) + ridge * scale * torch.eye(null.shape[1], dtype=torch.float64)
     # G = (K_h N) S^-1 N^T; S is symmetric positive definite, so solve instead of inverting
     return torch.linalg.solve(s, (k_h @ null).T).T @ null.T
@@ -99,6 +106,7 @@ class LsqEditor:
     norm_gains: dict[str, Any]  # param -> the gain its output passes (sandwich correction), or None
     targets_of: Any  # plan -> the plan's targets on this model
     protect_weight: float
+    kept: dict[str, torch.Tensor] = field(default_factory=dict)  # param -> K_k (absent: no kept inputs)
     _maps: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def with_protection(self, protect_weight: float) -> "LsqEditor":
@@ -109,7 +117,8 @@ class LsqEditor:
         if param not in self._maps:
             k_h, k_p = self.moments[param]
             lsq = self.edit_cfg.lsq
-            self._maps[param] = self.weights[param] @ input_map(k_h, k_p, lsq.null_eps, lsq.ridge, self.protect_weight)
+            self._maps[param] = self.weights[param] @ input_map(k_h, k_p, lsq.null_eps, lsq.ridge, self.protect_weight,
+                                                                self.kept.get(param))
         return self._maps[param]
 
     def null_dims(self) -> dict[str, tuple[int, int]]:
@@ -256,9 +265,9 @@ def focus_maps(targets: Sequence[EditTarget], plan: EditPlan, weights: Mapping[s
 
 def build_editor(model: nn.Module, edit_cfg: Any, plan: EditPlan, harmful: Sequence[Sequence[int]],
                  protected: Sequence[Sequence[int]], batch_size: int, pad_id: int,
-                 protect_weight: float | None = None) -> LsqEditor:
-    """Measure the writers that `plan` touches on harmful and protected token sequences (prompt
-    plus the model's own answer). mu is `protect_weight`, else edit.lsq.protect_weight, else the
+                 protect_weight: float | None = None, kept: Sequence[Sequence[int]] = ()) -> LsqEditor:
+    """Measure the writers that `plan` touches on harmful, protected and kept token sequences
+    (prompt plus the model's own answer; no kept ones: K_k = 0). mu is `protect_weight`, else edit.lsq.protect_weight, else the
     lower end of the calibration's range (PROTECT_RANGE)."""
     from saber.edit.apply import _tensor_table
     from saber.edit.math import _to_residual_first
@@ -279,9 +288,10 @@ def build_editor(model: nn.Module, edit_cfg: Any, plan: EditPlan, harmful: Seque
     focus = focus_maps(covered, plan, weights, gains) if edit_cfg.lsq.focus else None
     k_h = writer_input_moments(model, params, harmful, batch_size, pad_id, focus)
     k_p = writer_input_moments(model, params, protected, batch_size, pad_id)
+    k_k = writer_input_moments(model, params, kept, batch_size, pad_id) if kept else {}
     mu = protect_weight if protect_weight is not None else edit_cfg.lsq.protect_weight
     editor = LsqEditor(edit_cfg, {p: (k_h[p], k_p[p]) for p in params}, weights, gains,
-                       lambda p: plan_targets(adapter, model, p, edit_cfg), PROTECT_RANGE[0] if mu is None else mu)
+                       lambda p: plan_targets(adapter, model, p, edit_cfg), PROTECT_RANGE[0] if mu is None else mu, k_k)
     if edit_cfg.lsq.null_eps < 1.0:
         log.info("lsq: null space of the protected inputs per writer (of the input dimension): %s",
                  ", ".join(f"{p.removesuffix('.weight')} {n}/{m}" for p, (n, m) in list(editor.null_dims().items())[:8]))
