@@ -492,6 +492,7 @@ def prepare_measuring(model: Any, tokenizer: Any, cfg: Any, acts: Any, bases: Ma
                       rows: pd.DataFrame) -> Measuring:
     """Measurement settings for a pass over `rows` (the selected directions), and the edit method
     it uses (saber.edit.lsq.resolve_method); with lsq, the writers' inputs are measured here."""
+    from saber.collect import FREED_SPLIT
     from saber.edit.lsq import resolve_method
 
     # every writer setting of the edit, but the measurement never edits the embedding
@@ -501,7 +502,8 @@ def prepare_measuring(model: Any, tokenizer: Any, cfg: Any, acts: Any, bases: Ma
     m = Measuring(model, tokenizer, projection_edit(model, edit_cfg), answers, edit_cfg)
     plan = full_strength_plan(rows, bases)
     if cfg.edit.method != "projection" and not rows.empty:
-        m.method, m.method_reason = resolve_method(model, cfg.edit, plan, cfg.entangle.calibrate)
+        m.method, m.method_reason = resolve_method(model, cfg.edit, plan, cfg.entangle.calibrate,
+                                                   kept=FREED_SPLIT in acts.splits("harmful"))
     if m.method == "lsq":
         m.lsq = lsq_editor(m, acts, plan, cfg.edit.lsq.protect_prompts)
         m.edit = m.lsq_edit()

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -18,6 +19,7 @@ from saber.model.adapters import get_adapter
 from saber.model.chat import encode_batch, position_ids, render_prompts
 from saber.model.hooks import capture_last_positions
 from saber.model.loading import load_model
+from saber.testing import compose_config
 from saber.testing.tiny_models import TINY_ARCHS, build_tiny
 
 REPO = Path(__file__).resolve().parent.parent
@@ -398,3 +400,40 @@ def test_reading_a_layer_again_reads_the_file_once_and_hands_out_copies(tmp_path
     torch.testing.assert_close(loaded.get(1, "harmful", position=-1), acts["harmful"][1, :, -1], atol=0, rtol=0)
     loaded.get(0, "harmful")
     assert len(opened) == 2
+
+
+class _Scorer:
+    """Labels an answer a refusal when it is the planted one."""
+
+    def score(self, prompts: list[str], answers: list[str]) -> list[bool]:
+        return [a == "I refuse." for a in answers]
+
+
+@pytest.mark.parametrize(("still_refused", "minimum", "fit_left"), [
+    ({"h1", "h3"}, 2, ["h1", "h3"]),       # the freed ones move to split `freed`
+    ({"h1"}, 2, ["h0", "h1", "h2", "h3"]),  # fewer than iterate.refused_only_min: all of them stay
+])
+def test_later_iterations_fit_on_the_prompts_still_refused(
+        monkeypatch: pytest.MonkeyPatch, still_refused: set[str], minimum: int, fit_left: list[str]) -> None:
+    import saber.evaluate.reference as reference
+    from stages.collect import refused_fit_only
+
+    frame = pd.DataFrame({"id": range(7), "kind": ["harmful"] * 5 + ["harmless"] * 2,
+                          "split": ["fit"] * 4 + ["heldout", "fit", "fit"],
+                          "text": ["h0", "h1", "h2", "h3", "h4", "a0", "a1"], "n_tokens": 0})
+    asked: list[list[str]] = []
+
+    def generate(model: object, tokenizer: object, prompts: list[str], settings: object) -> tuple[None, list[str]]:
+        asked.append(list(prompts))
+        return None, ["I refuse." if p in still_refused else "Sure." for p in prompts]
+
+    monkeypatch.setattr(reference, "generate_responses", generate)
+    cfg = compose_config(f"iterate.refused_only_min={minimum}")
+    ctx = SimpleNamespace(cfg=cfg, iteration=1, pipeline=SimpleNamespace(refusal_scorer=_Scorer))
+    out, n = refused_fit_only(ctx, None, None, frame)
+    assert asked == [["h0", "h1", "h2", "h3"]]  # only the harmful fit prompts are generated
+    assert out[(out["kind"] == "harmful") & (out["split"] == "fit")]["text"].tolist() == fit_left and n == len(fit_left)
+    freed = out[out["split"] == "freed"]["text"].tolist()
+    assert sorted(freed + fit_left) == ["h0", "h1", "h2", "h3"]
+    assert out.drop(columns="split").equals(frame.drop(columns="split"))  # rows, order and ids unchanged
+    assert out.loc[4, "split"] == "heldout" and frame["split"].tolist()[:4] == ["fit"] * 4  # the input is not modified

@@ -4,6 +4,7 @@ update on a tiny model, in memory, streamed to disk and as a LoRA adapter."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -205,6 +206,29 @@ def test_lsq_edit_leaves_protected_prompts_unchanged_and_changes_harmful_ones(ti
     assert torch.equal(_logits(model, PROTECTED), before_p)  # reverted exactly
 
 
+def test_kept_sequences_hold_their_outputs_where_the_targets_move_them(tiny_llama: Path) -> None:
+    """Kept sequences (harmful prompts an earlier plan freed) that share the harmful tokens: without
+    the kept term the layer-0 attention output on them loses its component along the direction
+    like the harmful ones (measured: 104% of it); with it, at most half of that change remains (29%)."""
+    model = load_tiny(tiny_llama)
+    plan = _plan()
+    kept = [s[:4] + s[4:][::-1] for s in HARMFUL]  # the same tokens, in another order
+
+    def change(editor: Any) -> float:
+        seen: list[torch.Tensor] = []
+        h = model.model.layers[0].self_attn.o_proj.register_forward_hook(lambda m, a, o: seen.append(o.detach()))
+        _logits(model, kept)
+        with apply_plan(model, editor.with_deltas(plan), LSQ):
+            _logits(model, kept)
+        h.remove()
+        return float(((seen[1] - seen[0]) @ plan.vectors["v"]).abs().mean())
+
+    without = change(build_editor(model, LSQ, plan, HARMFUL, PROTECTED, 4, 0))
+    with_kept = build_editor(model, LSQ, plan, HARMFUL, PROTECTED, 4, 0, kept=kept)
+    assert set(with_kept.kept) == set(with_kept.moments)
+    assert change(with_kept) <= 0.5 * without and without > 0
+
+
 def test_lsq_plan_round_trips_and_streams_like_memory(tiny_llama: Path, tmp_path: Path) -> None:
     model = load_tiny(tiny_llama)
     plan = build_editor(model, LSQ, _plan(), HARMFUL, PROTECTED, 4, 0).with_deltas(_plan())
@@ -240,6 +264,8 @@ def test_auto_picks_lsq_unless_only_the_projection_can_run(tiny_llama: Path) -> 
     assert auto.method == "auto" and resolve_method(model, auto, plan, calibrating=True)[0] == "lsq"
     # 2 layers x (o_proj 64 x 64 inputs, down_proj 128 x 128 inputs): two m x m moments and a d x m copy each
     assert editor_bytes(model, auto, plan) == 2 * 8 * ((2 * 64 * 64 + 64 * 64) + (2 * 128 * 128 + 64 * 128))
+    # kept inputs (a later iteration): a third moment per writer
+    assert editor_bytes(model, auto, plan, kept=True) == 2 * 8 * ((3 * 64 * 64 + 64 * 64) + (3 * 128 * 128 + 64 * 128))
     for cfg, calibrating, why in [(EditConfig(norm_preserving=True), True, "norm_preserving"),
                                   (EditConfig(), False, "calibrate=false"),
                                   (EditConfig(lsq=LsqConfig(max_memory_gib=1e-6)), True, "GiB")]:

@@ -5,13 +5,14 @@ the directions from a writer's output on every input. The least-squares edit W' 
 removes them where the writer's inputs look like the harmful prompts' and keeps the outputs on
 the protected prompts (harmless and capability, each with the model's own answer):
 
-    min_dW  E_h ||dW x + A W x||^2  +  E_k ||dW x||^2  +  mu E_p ||dW x||^2  +  lambda ||dW||^2
+    min_dW  E_h ||dW x + A W x||^2  +  (n_k / n_h) E_k ||dW x||^2  +  mu E_p ||dW x||^2  +  lambda ||dW||^2
     =>  G = K_h N (N^T (K_h + K_k + mu K_p) N + lambda I)^-1 N^T
 
-K_k, the kept inputs, are the harmful prompts an earlier iteration's plan freed from refusal
-(zero in the first iteration): their answers weigh as much as the harmful targets, whatever mu,
-so that this plan does not undo the earlier one (measured: at the low end of mu, the second plan
-of an `organism_hard` Gemma-style seed brought back every refusal the first had removed).
+E_k, the kept inputs, are the harmful prompts an earlier iteration's plan freed from refusal
+(none in the first iteration): each of their tokens weighs as much as a harmful target token,
+whatever mu (K_k is their second moment times their token count over the harmful one), so that
+this plan does not undo the earlier one (measured: at the low end of mu, the second plan of an
+`organism_hard` Gemma-style seed brought back every refusal the first had removed).
 
 K_h, K_p are the second moments of the writer's inputs on harmful and protected tokens (with
 edit.lsq.focus, each harmful token weighted by ||Q^T W x||^2, what the writer writes along the
@@ -147,9 +148,9 @@ class LsqEditor:
         return EditPlan(plan.rows, plan.vectors, deltas=self.deltas(plan))
 
 
-def editor_bytes(model: nn.Module, edit_cfg: Any, plan: EditPlan) -> int:
-    """Memory an LsqEditor for `plan` holds: two float64 input moments (m x m) and a float64 copy
-    (d x m) of each covered writer."""
+def editor_bytes(model: nn.Module, edit_cfg: Any, plan: EditPlan, kept: bool = False) -> int:
+    """Memory an LsqEditor for `plan` holds: two float64 input moments (m x m), three with kept
+    inputs, and a float64 copy (d x m) of each covered writer."""
     from saber.model.adapters import get_adapter
 
     shapes = {n: p.shape for n, p in model.named_parameters(remove_duplicate=False)}
@@ -159,7 +160,7 @@ def editor_bytes(model: nn.Module, edit_cfg: Any, plan: EditPlan) -> int:
         shape = shapes[target.param]
         d = shape[target.residual_axis]
         m = shape[1 - target.residual_axis]
-        total += 8 * (2 * m * m + d * m)
+        total += 8 * ((3 if kept else 2) * m * m + d * m)
     return total
 
 
@@ -175,15 +176,16 @@ def projection_only(edit_cfg: Any, calibrating: bool) -> str | None:
     return None
 
 
-def resolve_method(model: nn.Module, edit_cfg: Any, plan: EditPlan, calibrating: bool) -> tuple[str, str]:
+def resolve_method(model: nn.Module, edit_cfg: Any, plan: EditPlan, calibrating: bool,
+                   kept: bool = False) -> tuple[str, str]:
     """The edit method a run uses, and why: `auto` is lsq unless projection_only says otherwise or
-    the editor would exceed edit.lsq.max_memory_gib."""
+    the editor (with kept inputs or not) would exceed edit.lsq.max_memory_gib."""
     reason = projection_only(edit_cfg, calibrating)
     if reason is not None:
         return "projection", reason
     if edit_cfg.method == "lsq":
         return "lsq", "edit.method=lsq"
-    need = editor_bytes(model, edit_cfg, plan) / 2**30
+    need = editor_bytes(model, edit_cfg, plan, kept) / 2**30
     if need > edit_cfg.lsq.max_memory_gib:
         return "projection", (f"the least-squares editor would need {need:.1f} GiB > edit.lsq.max_memory_gib = "
                               f"{edit_cfg.lsq.max_memory_gib}; restrict edit.roles or edit.scope, or raise the limit")
@@ -288,7 +290,9 @@ def build_editor(model: nn.Module, edit_cfg: Any, plan: EditPlan, harmful: Seque
     focus = focus_maps(covered, plan, weights, gains) if edit_cfg.lsq.focus else None
     k_h = writer_input_moments(model, params, harmful, batch_size, pad_id, focus)
     k_p = writer_input_moments(model, params, protected, batch_size, pad_id)
-    k_k = writer_input_moments(model, params, kept, batch_size, pad_id) if kept else {}
+    # per token as heavy as a harmful target: the mean moment times the kept/harmful token ratio
+    share = sum(map(len, kept)) / max(sum(map(len, harmful)), 1)
+    k_k = {p: share * k for p, k in writer_input_moments(model, params, kept, batch_size, pad_id).items()} if kept else {}
     mu = protect_weight if protect_weight is not None else edit_cfg.lsq.protect_weight
     editor = LsqEditor(edit_cfg, {p: (k_h[p], k_p[p]) for p in params}, weights, gains,
                        lambda p: plan_targets(adapter, model, p, edit_cfg), PROTECT_RANGE[0] if mu is None else mu, k_k)
