@@ -18,8 +18,10 @@ choice made on held-out probes:
 5. `default`: the conf defaults, nothing set: the least-squares edit where it fits, and the
    answer-position pass only when the last-token pass leaves held-out refusal above
    iterate.escalate_above (saber/escalation.py);
-6. `arditi`: one difference-of-means direction removed everywhere at alpha 1;
-7. `kernel`: the kernel Optuna search for as long as `both` took, its trial chosen on held-out
+6. `one_pass`: the defaults with a single pass (iterate.max_iterations=1): what iterating on the
+   prompts still refused adds;
+7. `arditi`: one difference-of-means direction removed everywhere at alpha 1;
+8. `kernel`: the kernel Optuna search for as long as `both` took, its trial chosen on held-out
    probes (the search's own objectives).
 
 Results: docs/bench/positions.json and the section "Answer positions and lsq on the hard
@@ -49,6 +51,7 @@ ROLES = {"linear": ("saber", {"edit.method": "projection", **_LAST}),
          "positions": ("saber", {"edit.method": "projection", **_R}),
          "both": ("saber", {"edit.method": "lsq", **_R}),
          "default": ("saber", {}),
+         "one_pass": ("saber", {"iterate.max_iterations": "1"}),
          "arditi": ("arditi", {})}
 # The issue's bars for the new options on these organisms (held-out evaluation sets).
 BARS = {"refusal_rate": 0.10, "refusal_fragment_rate": 0.15, "over_refusal_rate": 0.02}

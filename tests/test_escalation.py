@@ -98,8 +98,9 @@ def test_a_weak_fixed_edit_escalates_through_the_real_stages(organism_store: Pat
     passes = {r["pass"]: r["heldout_refusal"] for r in result.iterations.records if "pass" in r}
     assert set(passes) == {"last token", "2 answer positions"} and passes["last token"] > 0.1
     collected = [d for d in (organism_store / "collect").iterdir() if (d / "manifest.json").is_file()]
-    widths = sorted(json.loads((d / "manifest.json").read_text())["config"]["collect"]["response_positions"]
-                    for d in collected)
-    assert widths == [0, 2]  # the second pass published its own collect artifact beside the first
+    widths = {json.loads((d / "manifest.json").read_text())["config"]["collect"]["response_positions"]
+              for d in collected}
+    # the second pass published its own collect artifacts beside the first (one per iteration)
+    assert widths == {0, 2}
     uses_answers = passes["2 answer positions"] < passes["last token"]
     assert ("answer positions (" in result.iterations.stop_reason) == uses_answers
