@@ -130,7 +130,26 @@ def run_search(cfg: SaberConfig, session: Optional[ModelSession] = None) -> optu
 
     stop = optuna.study.MaxTrialsCallback(cfg.search.n_trials, states=(optuna.trial.TrialState.COMPLETE,))
     study.optimize(objective, n_trials=cfg.search.n_trials - done, callbacks=[stop])
+    shared = objectives_shared_by_every_trial(study)
+    if shared is not None:
+        log.warning("search: every finished trial of study %s gave the same objectives %s although its knobs "
+                    "differ: the knobs in search.space (%s) do not change this run. With entangle.calibrate=true "
+                    "the calibration sets the strengths itself (entangle.alpha_base, entangle.kernel.*, ...); "
+                    "search other knobs, or set entangle.calibrate=false to search fixed strengths",
+                    cfg.search.study, shared,
+                    ", ".join(cfg.search.space))
     return study
+
+
+def objectives_shared_by_every_trial(study: optuna.Study, min_trials: int = 3) -> Optional[list[float]]:
+    """The objectives when at least `min_trials` finished trials with different knob values all
+    gave exactly the same ones (a search that cannot tell its trials apart, most likely because
+    the run overrides the searched knobs), else None."""
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(done) < min_trials or len({tuple(sorted(t.params.items())) for t in done}) < 2:
+        return None
+    values = {tuple(t.values) for t in done}
+    return list(values.pop()) if len(values) == 1 else None
 
 
 def write_search_report(study: optuna.Study, objective_names: list[str], out_dir: Path) -> Path:

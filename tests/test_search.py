@@ -61,3 +61,37 @@ def test_search_resumes_after_kill(tmp_path: Path) -> None:
     pareto = json.loads((tmp_path / "run2" / "pareto.json").read_text())
     # chosen on the held-out probe metrics; the evaluation sets' numbers ride along as reported
     assert pareto and all("probe_refusal_rate" in p and "refusal_rate" in p["reported"] for p in pareto)
+
+
+def _study_with(values: list[list[float]]) -> optuna.Study:
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    dist = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    for i, v in enumerate(values):
+        study.add_trial(optuna.trial.create_trial(params={"x": i / 10}, distributions=dist, values=v))
+    return study
+
+
+def test_a_study_whose_trials_all_agree_is_flagged() -> None:
+    from saber.search import objectives_shared_by_every_trial
+
+    assert objectives_shared_by_every_trial(_study_with([[0.6, 0.02]] * 3)) == [0.6, 0.02]
+    assert objectives_shared_by_every_trial(_study_with([[0.6, 0.02]] * 2 + [[0.6, 0.021]])) is None
+    assert objectives_shared_by_every_trial(_study_with([[0.6, 0.02]] * 2)) is None  # too few to tell
+
+
+def test_the_kernel_search_knobs_change_the_edit(tmp_path: Path) -> None:
+    """Every trial of the kernel method's search is a different edit: its knobs are the strengths
+    (with the calibration on, 50 trials on organism_hard all gave the same objectives)."""
+    model = build_tiny("llama", tmp_path / "tiny-llama")
+    journal = tmp_path / "kernel.journal"
+    cmd = [sys.executable, "-m", "saber.search", f"model.path={model}", "model.name=tiny", "data=default",
+           "evaluate=default", f"store_root={tmp_path / 'store'}", "method=kernel", "search=kernel",
+           "search.n_trials=3", f"search.storage={journal}", f"hydra.run.dir={tmp_path / 'run'}", *SMALL]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    trials = complete_trials(journal, "kernel")
+    assert len(trials) == 3
+    # teacher-forced KL on the probes differs with the per-layer strengths
+    assert len({t.values[1] for t in trials}) == 3, [t.values for t in trials]
+    assert "gave the same objectives" not in proc.stderr
