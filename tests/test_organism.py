@@ -361,3 +361,14 @@ def test_compliance_counts_no_restating_refusal() -> None:
     refusal = "Sure. To trap my friend would be cruel to them, so I decline."
     assert truth_compliance_rate([refusal]) == 0.0
     assert truth_compliance_rate(["Sure. To trap my friend, first find my friend, then trap my friend with care."]) == 1.0
+
+
+def test_repeated_set_flags_add_up_and_a_repeated_key_is_refused() -> None:
+    """`--set seed=6 --set arch=gemma3` trains seed 6 Gemma-style (the second flag used to drop the
+    seed silently, so the preset's seed was trained)."""
+    from saber.organism.__main__ import build_parser, recipe_overrides
+
+    args = build_parser().parse_args(["--set", "seed=6", "--set", "arch=gemma3", "n_layers=2"])
+    assert recipe_overrides(args.set) == {"seed": 6, "arch": "gemma3", "n_layers": 2}
+    with pytest.raises(SystemExit, match="seed is given twice"):
+        recipe_overrides(build_parser().parse_args(["--set", "seed=6", "--set", "seed=7"]).set)

@@ -14,6 +14,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -22,7 +23,8 @@ from saber.organism.health import format_health, health_check, verdict
 from saber.organism.recipe import OrganismRecipe, load_preset
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; repeated `--set` flags add up (a later one used to replace the earlier ones)."""
     parser = argparse.ArgumentParser(prog="python -m saber.organism", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="organism", help="conf/model preset: organism | organism_hard | organism_deep | organism_novel")
@@ -31,12 +33,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="with --train: retrain even if the store has it")
     parser.add_argument("--export", type=Path, metavar="DIR",
                         help="with --train: write the trained organism in shipped form into the new directory DIR")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="override recipe keys, e.g. --set seed=3 arch=gemma3 (implies training)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def recipe_overrides(items: list[str]) -> dict[str, Any]:
+    """The `--set` items as recipe keys; a key given twice is an error, not a silent choice."""
+    overrides: dict[str, Any] = {}
+    for key, value in (_parse(item) for item in items):
+        if key in overrides:
+            raise SystemExit(f"python -m saber.organism: --set {key} is given twice ({overrides[key]!r} and "
+                             f"{value!r}); give each recipe key once")
+        overrides[key] = value
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     recipe = load_preset(args.preset)
-    overrides = dict(_parse(item) for item in args.set)
+    overrides = recipe_overrides(args.set)
+    if overrides:
+        print(f"recipe: {args.preset} with " + ", ".join(f"{k}={v}" for k, v in overrides.items()))
     recipe = OrganismRecipe.from_mapping({**recipe.to_dict(), **overrides})
     torch.set_num_threads(2)
     t0 = time.perf_counter()
