@@ -113,6 +113,27 @@ def kernel_weight(depth: float, kernel: "KernelConfig") -> float:
     return kernel.min_weight + (kernel.peak_weight - kernel.min_weight) * t
 
 
+# The entangle strength knobs each mode reads (tau also labels the table's `class` column in every mode).
+STRENGTH_KNOBS_BY_MODE = {
+    "discrete": {"alpha_base", "alpha_entangled", "tau", "tau_quantile"},
+    "ramp": {"alpha_base", "alpha_entangled", "ramp_low", "ramp_high"},
+    "split": {"alpha_base", "alpha_entangled", "tau", "tau_quantile"},
+    "uniform": {"alpha_base"},
+    "kernel": {"kernel"},
+    "measured": {"alpha_base", "cost_weight"},
+}
+
+
+def unused_strength_knobs(mode: str, calibrate: bool) -> dict[str, str]:
+    """The entangle strength knobs (key below `entangle.` -> why) that cannot change the edit."""
+    known = set().union(*STRENGTH_KNOBS_BY_MODE.values())
+    unused = {k: f"entangle.mode={mode} does not read it" for k in known - STRENGTH_KNOBS_BY_MODE.get(mode, known)}
+    if calibrate and mode in ("measured", "uniform"):
+        unused["alpha_base"] = ("with entangle.calibrate=true it is a common factor of every strength, which the "
+                                "calibration's full-strength screen and relative scale cancel")
+    return unused
+
+
 def strength(rho: float, depth: float, cfg: "EntangleConfig") -> float:
     """Edit strength of a whole direction before iteration decay (split: effective along v)."""
     if cfg.mode == "uniform":

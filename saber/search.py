@@ -104,9 +104,24 @@ def n_finished(study: optuna.Study) -> int:
     return sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
 
 
+def check_space_acts(cfg: SaberConfig) -> None:
+    """Refuse a searched entangle knob that the composed run never reads: its trials would differ
+    only in a number nothing uses (saber.entangle.unused_strength_knobs)."""
+    from saber.entangle import unused_strength_knobs
+
+    unused = unused_strength_knobs(cfg.entangle.mode, cfg.entangle.calibrate)
+    for key in cfg.search.space:
+        group, _, rest = key.partition(".")
+        why = unused.get(rest.split(".")[0]) if group == "entangle" else None
+        if why:
+            raise ValueError(f"config key 'search.space.{key}' cannot change the edit: {why}. Remove it from "
+                             "search.space, or choose the entangle mode / entangle.calibrate=false that reads it")
+
+
 def run_search(cfg: SaberConfig, session: Optional[ModelSession] = None) -> optuna.Study:
     """Run trials until the study has `search.n_trials` finished ones; return the study."""
     space = parse_space(cfg.search.space)
+    check_space_acts(cfg)
     study = open_study(cfg)
     session = session or ModelSession()
     done = n_finished(study)

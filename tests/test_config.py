@@ -141,3 +141,31 @@ def test_library_never_imports_the_stage_shells() -> None:
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{path.relative_to(root.parent)}: {n}" for n in names if n.split(".")[0] == "stages"]
     assert not offenders, offenders
+
+
+def _searching(space: dict[str, str] | None, *overrides: str):
+    cfg = validate(_compose(*overrides))
+    if space is not None:
+        cfg.search.space = space
+    return cfg
+
+
+@pytest.mark.parametrize("space, overrides, bad", [
+    (None, ["search=kernel"], "entangle.kernel.peak_position"),   # the kernel knobs without the kernel mode
+    ({"entangle.alpha_base": "float:0.5:1.0"}, [], "entangle.alpha_base"),   # a common factor the calibration cancels
+    ({"rank.top_k": "int:2:8", "entangle.tau": "float:0.3:0.8"}, [], "entangle.tau"),   # measured mode only labels with it
+])
+def test_a_search_over_a_knob_the_run_never_reads_is_refused(space: dict[str, str] | None, overrides: list[str], bad: str) -> None:
+    from saber.search import check_space_acts
+
+    with pytest.raises(ValueError, match=f"search.space.{bad}' cannot change the edit"):
+        check_space_acts(_searching(space, *overrides))
+
+
+@pytest.mark.parametrize("space, overrides", [
+    (None, []), (None, ["method=kernel", "search=kernel"]),
+    ({"entangle.tau": "float:0.3:0.8", "entangle.alpha_base": "float:0.5:1.0"}, ["method=saber_published"])])
+def test_the_shipped_search_spaces_act_on_their_runs(space: dict[str, str] | None, overrides: list[str]) -> None:
+    from saber.search import check_space_acts
+
+    check_space_acts(_searching(space, *overrides))
