@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from saber.config import SaberConfig, register_configs, validate
 from saber.config.paths import CONF_DIR
+from saber.entangle import unused_strength_knobs
 from saber.pipeline import ModelSession, Pipeline, configure_logging
 from saber.run import objectives, run_pipeline
 
@@ -107,8 +108,6 @@ def n_finished(study: optuna.Study) -> int:
 def check_space_acts(cfg: SaberConfig) -> None:
     """Refuse a searched entangle knob that the composed run never reads: its trials would differ
     only in a number nothing uses (saber.entangle.unused_strength_knobs)."""
-    from saber.entangle import unused_strength_knobs
-
     unused = unused_strength_knobs(cfg.entangle.mode, cfg.entangle.calibrate)
     for key in cfg.search.space:
         group, _, rest = key.partition(".")
@@ -148,10 +147,9 @@ def run_search(cfg: SaberConfig, session: Optional[ModelSession] = None) -> optu
     shared = objectives_shared_by_every_trial(study)
     if shared is not None:
         log.warning("search: every finished trial of study %s gave the same objectives %s although its knobs "
-                    "differ: the knobs in search.space (%s) do not change this run. With entangle.calibrate=true "
-                    "the calibration sets the strengths itself (entangle.alpha_base, entangle.kernel.*, ...); "
-                    "search other knobs, or set entangle.calibrate=false to search fixed strengths",
-                    cfg.search.study, shared,
+                    "differ: the knobs in search.space (%s) do not change this run (with entangle.calibrate=true "
+                    "the calibration sets the strengths itself); search other knobs, or set "
+                    "entangle.calibrate=false to search fixed strengths", cfg.search.study, shared,
                     ", ".join(cfg.search.space))
     return study
 

@@ -9,7 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from saber.config import ConfigError, register_configs, validate
+from saber.config import ConfigError, SaberConfig, register_configs, validate
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 register_configs()
@@ -143,7 +143,7 @@ def test_library_never_imports_the_stage_shells() -> None:
     assert not offenders, offenders
 
 
-def _searching(space: dict[str, str] | None, *overrides: str):
+def _searching(space: dict[str, str] | None, *overrides: str) -> SaberConfig:
     cfg = validate(_compose(*overrides))
     if space is not None:
         cfg.search.space = space
