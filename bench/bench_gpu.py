@@ -113,7 +113,7 @@ def run_shape(name: str, config: Any, work: Path, device: str) -> dict[str, Any]
               "seconds": stage_times(store), "peak_gib": peaks, "collect_batch_size": collect_meta["batch_size"],
               "collect_tokens_per_s": collect_meta["tokens_per_s"],
               "generation_tokens_per_s": round(generation_rate(pipeline, cfg), 1),
-              "generation_batch_size": cfg.evaluate.batch_size}
+              "generation_batch_size": cfg.evaluate.generate_batch_size}
     print(json.dumps(record), flush=True)
     return record
 

@@ -59,10 +59,10 @@ class OwnAnswers:
     """
 
     def __init__(self, model: Any, tokenizer: Any, prompts: Sequence[str], *, n_tokens: int, batch_size: int,
-                 system_prompt: str | None, max_length: int) -> None:
+                 system_prompt: str | None, max_length: int, generate_batch_size: int | None = None) -> None:
         self.tokenizer, self.batch_size = tokenizer, batch_size
         self.ids = encode_prompts(tokenizer, list(prompts), system_prompt, max_length)
-        self.answers = greedy_generate(model, tokenizer, self.ids, n_tokens, batch_size)
+        self.answers = greedy_generate(model, tokenizer, self.ids, n_tokens, generate_batch_size or batch_size)
         self.base = mean_nll(model, tokenizer, self.ids, self.answers, batch_size)
 
     def shift(self, model: Any) -> float:
@@ -498,6 +498,7 @@ def prepare_measuring(model: Any, tokenizer: Any, cfg: Any, acts: Any, bases: Ma
     # every writer setting of the edit, but the measurement never edits the embedding
     edit_cfg = dataclasses.replace(cfg.edit, tied_embeddings="untie", embedding=False, norm_preserving=False)
     answers = {"n_tokens": cfg.entangle.measure_tokens, "batch_size": cfg.evaluate.batch_size,
+               "generate_batch_size": cfg.evaluate.generate_batch_size,
                "system_prompt": cfg.model.system_prompt, "max_length": cfg.collect.max_length}
     m = Measuring(model, tokenizer, projection_edit(model, edit_cfg), answers, edit_cfg)
     plan = full_strength_plan(rows, bases)

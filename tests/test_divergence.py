@@ -317,3 +317,36 @@ def test_empty_masks_give_nan_with_warning_not_a_crash(tiny_dir: Path) -> None:
     assert any("no valid response positions" in str(w.message) for w in caught)
     assert math.isnan(res2.metrics["kl_tf_mean"])
     assert res2.metrics["refusal_rate"] == res2.metrics["base_refusal_rate"]
+
+
+# ----------------------------------------------------------------------------- batched generation
+
+
+def test_batched_generation_matches_one_prompt_at_a_time_and_halves_on_gpu_oom(
+        tiny_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Batches sorted by prompt length hand each answer back to its own prompt, and a GPU
+    out-of-memory error (planted: generate fails above 2 prompts) retries at half the size
+    instead of losing the run."""
+    model, tok = load(tiny_dir)
+    ids = encode_prompts(tok, PROMPTS)
+    assert len({len(p) for p in ids}) > 1, "the prompts must differ in length for the order to matter"
+    alone = [greedy_generate(model, tok, [p], KL_TOKENS, 1)[0] for p in ids]  # no padding at all
+    assert greedy_generate(model, tok, ids, KL_TOKENS, 4) == alone
+
+    real, sizes = model.generate, []
+
+    def tight(*args, **kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        if sizes[-1] > 2:
+            raise torch.cuda.OutOfMemoryError("planted")
+        return real(*args, **kwargs)
+
+    model.generate = tight
+    with caplog.at_level("WARNING", logger="saber.evaluate.generation"):
+        assert greedy_generate(model, tok, ids, KL_TOKENS, 8) == alone
+    assert sizes == [6, 4, 2, 2, 2]
+    assert "retrying with batch size 2" in caplog.text
+
+    model.generate = lambda *a, **kw: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("planted"))
+    with pytest.raises(RuntimeError, match="out of GPU memory generating one answer"):
+        greedy_generate(model, tok, ids, KL_TOKENS, 2)

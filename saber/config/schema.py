@@ -243,6 +243,7 @@ class EvaluateConfig:
     reference_text: Optional[str] = None
     ppl_window: int = 256
     batch_size: int = 16
+    generate_batch_size: int = 64
     max_prompt_tokens: int = 1024
     mc_paths: list[str] = field(default_factory=lambda: ["bundled://capability_mc", "bundled://arc"])
     mc_norm: str = "mean"
@@ -258,7 +259,7 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         _one_of("evaluate.scorer", self.scorer, ("auto", "keywords", "prefix", "judge"))
         _one_of("evaluate.mc_norm", self.mc_norm, ("mean", "sum"))
-        for key in ("max_new_tokens", "kl_tokens", "batch_size", "max_prompt_tokens", "gsm8k_max_new_tokens",
+        for key in ("max_new_tokens", "kl_tokens", "batch_size", "generate_batch_size", "max_prompt_tokens", "gsm8k_max_new_tokens",
                     "skill_max_new_tokens"):
             _positive(f"evaluate.{key}", getattr(self, key))
         _check(self.ppl_window >= 2, "evaluate.ppl_window", self.ppl_window, "an integer >= 2")

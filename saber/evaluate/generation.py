@@ -9,6 +9,7 @@ its batch needed.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -16,6 +17,8 @@ import torch
 
 from saber.evaluate.divergence import safe_log_softmax
 from saber.model.chat import encode_ids, position_ids, render_prompts
+
+log = logging.getLogger(__name__)
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], system_prompt: str | None = None,
@@ -80,7 +83,8 @@ def greedy_generate(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[in
     """Greedy continuations, each cut after its first EOS token (the EOS is kept).
 
     `exact` gives every continuation exactly max_new_tokens tokens: EOS is suppressed until then,
-    so an answer that would end early goes on with the model's best non-EOS tokens.
+    so an answer that would end early goes on with the model's best non-EOS tokens. On a GPU
+    out-of-memory error the batch is retried at half the size, down to one prompt.
     """
     device = model_device(model)
     pad_id = pad_id_of(tokenizer)
@@ -96,14 +100,29 @@ def greedy_generate(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[in
     gen_cfg.max_length = None
     gen_cfg.pad_token_id = pad_id
     gen_cfg.eos_token_id = sorted(eos) or None
-    out: list[list[int]] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        batch = prompt_ids[start:start + batch_size]
-        ids, mask, width = _layout(batch, None, pad_id, device)
-        seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
-        for row in seq[:, width:].tolist():
+    # longest first, so a batch holds prompts of similar length and little padding
+    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]), reverse=True)
+    out: list[list[int]] = [[] for _ in prompt_ids]
+    size, start = batch_size, 0
+    while start < len(order):
+        chunk = order[start:start + size]
+        ids, mask, width = _layout([prompt_ids[i] for i in chunk], None, pad_id, device)
+        try:
+            seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise RuntimeError(f"out of GPU memory generating one answer of {max_new_tokens} tokens to a "
+                                   f"{ids.shape[1]}-token prompt; lower evaluate.max_prompt_tokens or the "
+                                   "answer length") from None
+            torch.cuda.empty_cache()
+            size = max(1, size // 2)
+            log.warning("out of GPU memory in generation; retrying with batch size %d "
+                        "(set evaluate.generate_batch_size to start there)", size)
+            continue
+        for i, row in zip(chunk, seq[:, width:].tolist()):
             cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
-            out.append(row[:cut])
+            out[i] = row[:cut]
+        start += len(chunk)
     return out
 
 

@@ -72,7 +72,8 @@ def generate_responses(model: Any, tokenizer: Any, prompts: Sequence[str], cfg: 
         return [], []
     ids = encode_prompts(tokenizer, prompts, cfg.system_prompt,
                          cfg.max_prompt_tokens)
-    toks = greedy_generate(model, tokenizer, ids, max_new_tokens or cfg.max_new_tokens, cfg.batch_size)
+    toks = greedy_generate(model, tokenizer, ids, max_new_tokens or cfg.max_new_tokens,
+                           cfg.generate_batch_size)
     return toks, decode(tokenizer, toks)
 
 
@@ -156,11 +157,11 @@ def exact_probes(model: Any, tokenizer: Any, sets: EvalSets, cfg: EvalSettings) 
     system = cfg.system_prompt
     if sets.gsm8k:
         texts, ok = exact_match(model, tokenizer, sets.gsm8k, "number", cfg.gsm8k_max_new_tokens,
-                                cfg.batch_size, system)
+                                cfg.generate_batch_size, system)
         out["gsm8k"] = {"responses": texts, "correct": ok}
     if sets.skill:
         texts, ok = exact_match(model, tokenizer, sets.skill, "text", cfg.skill_max_new_tokens,
-                                cfg.batch_size, system)
+                                cfg.generate_batch_size, system)
         out["skill"] = {"responses": texts, "correct": ok}
     return out
 
