@@ -346,6 +346,9 @@ def test_batched_generation_matches_one_prompt_at_a_time_and_halves_on_gpu_oom(
         assert greedy_generate(model, tok, ids, KL_TOKENS, 8) == alone
     assert sizes == [6, 4, 2, 2, 2]
     assert "retrying with batch size 2" in caplog.text
+    sizes.clear()  # the next call on this model starts at the size that fitted
+    assert greedy_generate(model, tok, ids, KL_TOKENS, 8) == alone
+    assert sizes == [2, 2, 2]
 
     model.generate = lambda *a, **kw: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("planted"))
     with pytest.raises(RuntimeError, match="out of GPU memory generating one answer"):

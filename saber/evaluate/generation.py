@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -19,6 +20,10 @@ from saber.evaluate.divergence import safe_log_softmax
 from saber.model.chat import encode_ids, position_ids, render_prompts
 
 log = logging.getLogger(__name__)
+
+# The generation batch size that last fitted in GPU memory, per model: later calls start there
+# instead of running out of memory again.
+_FITTED_BATCH: "weakref.WeakKeyDictionary[Any, int]" = weakref.WeakKeyDictionary()
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], system_prompt: str | None = None,
@@ -84,7 +89,8 @@ def greedy_generate(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[in
 
     `exact` gives every continuation exactly max_new_tokens tokens: EOS is suppressed until then,
     so an answer that would end early goes on with the model's best non-EOS tokens. On a GPU
-    out-of-memory error the batch is retried at half the size, down to one prompt.
+    out-of-memory error the batch is retried at half the size, down to one prompt, and later
+    calls on the same model start at the size that fitted.
     """
     device = model_device(model)
     pad_id = pad_id_of(tokenizer)
@@ -103,7 +109,7 @@ def greedy_generate(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[in
     # longest first, so a batch holds prompts of similar length and little padding
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]), reverse=True)
     out: list[list[int]] = [[] for _ in prompt_ids]
-    size, start = batch_size, 0
+    size, start = min(batch_size, _FITTED_BATCH.get(model, batch_size)), 0
     while start < len(order):
         chunk = order[start:start + size]
         ids, mask, width = _layout([prompt_ids[i] for i in chunk], None, pad_id, device)
@@ -115,7 +121,7 @@ def greedy_generate(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[in
                                    f"{ids.shape[1]}-token prompt; lower evaluate.max_prompt_tokens or the "
                                    "answer length") from None
             torch.cuda.empty_cache()
-            size = max(1, size // 2)
+            size = _FITTED_BATCH[model] = max(1, size // 2)
             log.warning("out of GPU memory in generation; retrying with batch size %d "
                         "(set evaluate.generate_batch_size to start there)", size)
             continue
