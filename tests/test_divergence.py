@@ -322,6 +322,17 @@ def test_empty_masks_give_nan_with_warning_not_a_crash(tiny_dir: Path) -> None:
 # ----------------------------------------------------------------------------- batched generation
 
 
+def out_of_memory_above(limit: int, call: Callable, sizes: list[int]) -> Callable:
+    """`call` that records each batch size in `sizes` and raises a planted GPU out-of-memory
+    error for batches of more than `limit` prompts."""
+    def tight(*args, **kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        if sizes[-1] > limit:
+            raise torch.cuda.OutOfMemoryError("planted")
+        return call(*args, **kwargs)
+    return tight
+
+
 def test_batched_generation_matches_one_prompt_at_a_time_and_halves_on_gpu_oom(
         tiny_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Batches sorted by prompt length hand each answer back to its own prompt, and a GPU
@@ -333,15 +344,8 @@ def test_batched_generation_matches_one_prompt_at_a_time_and_halves_on_gpu_oom(
     alone = [greedy_generate(model, tok, [p], KL_TOKENS, 1)[0] for p in ids]  # no padding at all
     assert greedy_generate(model, tok, ids, KL_TOKENS, 4) == alone
 
-    real, sizes = model.generate, []
-
-    def tight(*args, **kwargs):
-        sizes.append(kwargs["input_ids"].shape[0])
-        if sizes[-1] > 2:
-            raise torch.cuda.OutOfMemoryError("planted")
-        return real(*args, **kwargs)
-
-    model.generate = tight
+    sizes: list[int] = []
+    model.generate = out_of_memory_above(2, model.generate, sizes)
     with caplog.at_level("WARNING", logger="saber.evaluate.generation"):
         assert greedy_generate(model, tok, ids, KL_TOKENS, 8) == alone
     assert sizes == [6, 4, 2, 2, 2]
@@ -353,3 +357,48 @@ def test_batched_generation_matches_one_prompt_at_a_time_and_halves_on_gpu_oom(
     model.generate = lambda *a, **kw: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("planted"))
     with pytest.raises(RuntimeError, match="out of GPU memory generating one answer"):
         greedy_generate(model, tok, ids, KL_TOKENS, 2)
+
+
+def test_scoring_projects_only_the_answer_positions_and_halves_on_gpu_oom(
+        tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Log-probs from `logits_to_keep` equal those of the full forward (float32 rounding of the
+    same products: 1e-5), batches come back in input order at every size, and a planted GPU
+    out-of-memory error above 2 prompts retries at half the size."""
+    import saber.evaluate.generation as generation
+
+    model, tok = load(tiny_dir)
+    ids = encode_prompts(tok, PROMPTS)
+    answers = greedy_generate(model, tok, ids, KL_TOKENS, 8)
+    assert generation.keeps_logits(model)
+
+    def scored(batch_size: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        rows, logp, mask = [], [], []
+        for b in teacher_forced(model, tok, ids, answers, batch_size):
+            rows += b.index
+            logp += list(b.logp.unbind(0))
+            mask += list(b.mask.unbind(0))
+        n = max(x.shape[0] for x in logp)
+        pad = lambda x, fill: torch.cat([x, x.new_full((n - x.shape[0], *x.shape[1:]), fill)])  # noqa: E731
+        return rows, torch.stack([pad(x, 0.0) for x in logp]), torch.stack([pad(x, False) for x in mask])
+
+    rows, kept, mask = scored(4)
+    assert rows == list(range(len(PROMPTS))) and mask.any()
+    monkeypatch.setattr(generation, "keeps_logits", lambda model: False)
+    _, full, _ = scored(len(PROMPTS))
+    assert torch.allclose(kept[mask], full[mask], atol=1e-5, rtol=0)
+
+    sizes: list[int] = []
+    monkeypatch.setattr(model, "forward", out_of_memory_above(2, model.forward, sizes))
+    rows, retried, _ = scored(8)
+    assert rows == list(range(len(PROMPTS))) and sizes == [6, 4, 2, 2, 2]
+    assert torch.allclose(retried[mask], full[mask], atol=1e-5, rtol=0)
+
+
+def test_a_forward_without_logits_to_keep_scores_every_position() -> None:
+    class Plain(torch.nn.Module):
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+            return input_ids
+
+    from saber.evaluate.generation import keeps_logits
+
+    assert not keeps_logits(Plain())

@@ -9,6 +9,7 @@ its batch needed.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import weakref
 from dataclasses import dataclass
@@ -153,27 +154,59 @@ class ScoredBatch:
     real: torch.Tensor
 
 
+def keeps_logits(model: Any) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (every current transformers causal LM
+    does), so scoring can project only the answer positions onto the vocabulary."""
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _score_batch(model: Any, index: list[int], prompts: Sequence[Sequence[int]], conts: Sequence[Sequence[int]],
+                 pad_id: int, device: torch.device, keep: bool) -> ScoredBatch:
+    n = max((len(c) for c in conts), default=0)
+    if n == 0:
+        b = len(prompts)
+        return ScoredBatch(index, torch.zeros(b, 0, 0), torch.zeros(b, 0, dtype=torch.bool),
+                           torch.zeros(b, 0, dtype=torch.long), torch.zeros(b, 0, dtype=torch.bool))
+    ids, mask, width = _layout(prompts, conts, pad_id, device)
+    extra = {"logits_to_keep": ids.shape[1] - width + 1} if keep else {}  # from the last prompt token on
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), **extra).logits
+    first = logits.shape[1] - (ids.shape[1] - width + 1)  # column of the last prompt token in `logits`
+    logp, valid = safe_log_softmax(logits[:, first:first + n])
+    real = mask[:, width:width + n].bool()
+    return ScoredBatch(index, logp, valid & real, ids[:, width:width + n], real)
+
+
 @torch.no_grad()
 def teacher_forced(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
                    cont_ids: Sequence[Sequence[int]], batch_size: int) -> Iterator[ScoredBatch]:
-    """Score each [prompt; continuation] once; yield log-probs of the continuation positions."""
+    """Score each [prompt; continuation] once; yield log-probs of the continuation positions.
+
+    Batches come in input order. Only the answer positions reach the vocabulary projection
+    where the model allows it (`keeps_logits`), and a GPU out-of-memory error retries the batch
+    at half the size.
+    """
     if len(prompt_ids) != len(cont_ids):
         raise ValueError(f"teacher_forced: {len(prompt_ids)} prompts but {len(cont_ids)} continuations")
     device = model_device(model)
     pad_id = pad_id_of(tokenizer)
-    for start in range(0, len(prompt_ids), batch_size):
-        prompts = prompt_ids[start:start + batch_size]
-        conts = cont_ids[start:start + batch_size]
-        n = max((len(c) for c in conts), default=0)
-        if n == 0:
-            yield ScoredBatch(list(range(start, start + len(prompts))),
-                              torch.zeros(len(prompts), 0, 0), torch.zeros(len(prompts), 0, dtype=torch.bool),
-                              torch.zeros(len(prompts), 0, dtype=torch.long),
-                              torch.zeros(len(prompts), 0, dtype=torch.bool))
+    keep = keeps_logits(model)
+    size, start = batch_size, 0
+    while start < len(prompt_ids):
+        stop = min(start + size, len(prompt_ids))
+        try:
+            batch = _score_batch(model, list(range(start, stop)), prompt_ids[start:stop], cont_ids[start:stop],
+                                 pad_id, device, keep)
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise RuntimeError("out of GPU memory scoring one prompt and answer; lower "
+                                   "evaluate.max_prompt_tokens or evaluate.kl_tokens") from None
+            torch.cuda.empty_cache()
+            size = max(1, size // 2)
+            log.warning("out of GPU memory in teacher-forced scoring; retrying with batch size %d "
+                        "(set evaluate.batch_size to start there)", size)
             continue
-        ids, mask, width = _layout(prompts, conts, pad_id, device)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits
-        logp, valid = safe_log_softmax(logits[:, width - 1:width - 1 + n])
-        real = mask[:, width:width + n].bool()
-        yield ScoredBatch(list(range(start, start + len(prompts))), logp, valid & real,
-                          ids[:, width:width + n], real)
+        yield batch
+        start = stop
