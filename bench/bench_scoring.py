@@ -38,7 +38,8 @@ def side(mode: str, vocab: int, prompt_tokens: int, answer_tokens: int, batch: i
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=prompt_tokens + answer_tokens,
+                      num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=prompt_tokens + answer_tokens,
                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(cfg).eval()
     if mode == "full":
@@ -57,7 +58,8 @@ def render(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace, c
     best = {m: {k: min(r[k] for r in rs) for k in ("seconds", "peak_mib")} for m, rs in results.items()}
     same = len({round(r["checksum"], 3) for rs in results.values() for r in rs}) == 1
     rows = [f"| {m} | {best[m]['peak_mib']:.0f} | {best[m]['seconds']:.2f} | "
-            f"{best[m]['peak_mib'] / best['full']['peak_mib']:.2f} | {best[m]['seconds'] / best['full']['seconds']:.2f} |"
+            f"{best[m]['peak_mib'] / best['full']['peak_mib']:.2f} | "
+            f"{best[m]['seconds'] / best['full']['seconds']:.2f} |"
             for m in results]
     return "\n".join([
         f"Command: `{command}`  ",

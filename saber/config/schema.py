@@ -259,8 +259,8 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         _one_of("evaluate.scorer", self.scorer, ("auto", "keywords", "prefix", "judge"))
         _one_of("evaluate.mc_norm", self.mc_norm, ("mean", "sum"))
-        for key in ("max_new_tokens", "kl_tokens", "batch_size", "generate_batch_size", "max_prompt_tokens", "gsm8k_max_new_tokens",
-                    "skill_max_new_tokens"):
+        for key in ("max_new_tokens", "kl_tokens", "batch_size", "generate_batch_size", "max_prompt_tokens",
+                    "gsm8k_max_new_tokens", "skill_max_new_tokens"):
             _positive(f"evaluate.{key}", getattr(self, key))
         _check(self.ppl_window >= 2, "evaluate.ppl_window", self.ppl_window, "an integer >= 2")
         for key in ("n_harmful", "n_harmless", "n_xstest", "n_capability", "n_gsm8k", "kl_topk", "signature_prompts"):
