@@ -13,7 +13,7 @@ import inspect
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -21,6 +21,7 @@ from saber.evaluate.divergence import safe_log_softmax
 from saber.model.chat import encode_ids, position_ids, render_prompts
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # The generation batch size that last fitted in GPU memory, per model: later calls start there
 # instead of running out of memory again.
@@ -83,6 +84,29 @@ def _layout(prompts: Sequence[Sequence[int]], conts: Sequence[Sequence[int]] | N
     return ids.to(device), mask.to(device), width
 
 
+def halving_batches(n: int, size: int, run: Callable[[int, int], T], *, what: str, knob: str, single: str,
+                    fitted: Callable[[int], None] | None = None) -> Iterator[tuple[int, int, T]]:
+    """`run(start, stop)` over the items 0..n-1 in batches of `size`, yielded in order with their
+    bounds. A GPU out-of-memory error retries the batch at half the size (told to `fitted`);
+    at size 1 it raises RuntimeError(`single`)."""
+    start = 0
+    while start < n:
+        stop = min(start + size, n)
+        try:
+            result = run(start, stop)
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise RuntimeError(single) from None
+            torch.cuda.empty_cache()
+            size = max(1, size // 2)
+            if fitted is not None:
+                fitted(size)
+            log.warning("out of GPU memory %s; retrying with batch size %d (set %s to start there)", what, size, knob)
+            continue
+        yield start, stop, result
+        start = stop
+
+
 @torch.no_grad()
 def greedy_generate(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int,
                     batch_size: int, *, exact: bool = False) -> list[list[int]]:
@@ -110,26 +134,20 @@ def greedy_generate(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[in
     # longest first, so a batch holds prompts of similar length and little padding
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]), reverse=True)
     out: list[list[int]] = [[] for _ in prompt_ids]
-    size, start = min(batch_size, _FITTED_BATCH.get(model, batch_size)), 0
-    while start < len(order):
-        chunk = order[start:start + size]
-        ids, mask, width = _layout([prompt_ids[i] for i in chunk], None, pad_id, device)
-        try:
-            seq = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
-        except torch.cuda.OutOfMemoryError:
-            if size == 1:
-                raise RuntimeError(f"out of GPU memory generating one answer of {max_new_tokens} tokens to a "
-                                   f"{ids.shape[1]}-token prompt; lower evaluate.max_prompt_tokens or the "
-                                   "answer length") from None
-            torch.cuda.empty_cache()
-            size = _FITTED_BATCH[model] = max(1, size // 2)
-            log.warning("out of GPU memory in generation; retrying with batch size %d "
-                        "(set evaluate.generate_batch_size to start there)", size)
-            continue
-        for i, row in zip(chunk, seq[:, width:].tolist()):
+
+    def generate(start: int, stop: int) -> list[list[int]]:
+        ids, mask, width = _layout([prompt_ids[i] for i in order[start:stop]], None, pad_id, device)
+        return model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)[:, width:].tolist()
+
+    size = min(batch_size, _FITTED_BATCH.get(model, batch_size))
+    for start, stop, rows in halving_batches(
+            len(order), size, generate, what="in generation", knob="evaluate.generate_batch_size",
+            single=f"out of GPU memory generating one answer of {max_new_tokens} tokens; lower "
+                   "evaluate.max_prompt_tokens or the answer length",
+            fitted=lambda fits: _FITTED_BATCH.__setitem__(model, fits)):
+        for i, row in zip(order[start:stop], rows):
             cut = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
             out[i] = row[:cut]
-        start += len(chunk)
     return out
 
 
@@ -193,20 +211,10 @@ def teacher_forced(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int
     device = model_device(model)
     pad_id = pad_id_of(tokenizer)
     keep = keeps_logits(model)
-    size, start = batch_size, 0
-    while start < len(prompt_ids):
-        stop = min(start + size, len(prompt_ids))
-        try:
-            batch = _score_batch(model, list(range(start, stop)), prompt_ids[start:stop], cont_ids[start:stop],
-                                 pad_id, device, keep)
-        except torch.cuda.OutOfMemoryError:
-            if size == 1:
-                raise RuntimeError("out of GPU memory scoring one prompt and answer; lower "
-                                   "evaluate.max_prompt_tokens or evaluate.kl_tokens") from None
-            torch.cuda.empty_cache()
-            size = max(1, size // 2)
-            log.warning("out of GPU memory in teacher-forced scoring; retrying with batch size %d "
-                        "(set evaluate.batch_size to start there)", size)
-            continue
+    score = lambda start, stop: _score_batch(  # noqa: E731
+        model, list(range(start, stop)), prompt_ids[start:stop], cont_ids[start:stop], pad_id, device, keep)
+    for _, _, batch in halving_batches(len(prompt_ids), batch_size, score, what="in teacher-forced scoring",
+                                       knob="evaluate.batch_size",
+                                       single="out of GPU memory scoring one prompt and answer; lower "
+                                              "evaluate.max_prompt_tokens or evaluate.kl_tokens"):
         yield batch
-        start = stop
